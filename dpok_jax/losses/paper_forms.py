@@ -1,0 +1,1 @@
+"""SCAFFOLD: being written."""

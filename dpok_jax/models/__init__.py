@@ -1,0 +1,1 @@
+"""dpok_jax.models."""
