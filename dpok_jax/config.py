@@ -1,0 +1,239 @@
+"""Typed, frozen run configuration.
+
+YAML files hold only differences from these defaults; dotted command-line overrides
+(`loss.beta=0.2`) are applied last. OmegaConf does the merging and type checking, so an unknown key
+or a value of the wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+KERNELS = ("none", "polynomial", "rbf", "mahalanobis", "spectral", "hmk", "mixture")
+DIVERGENCES = (
+    "none", "kl", "js", "squared_hellinger", "renyi", "bhattacharyya", "f", "wasserstein",
+)
+LINKS = ("sigmoid", "hinge", "ipo")
+REWARDS = ("reverse_kl", "forward_kl", "js", "alpha")
+EMBEDDINGS = ("reference", "policy", "dataset")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which Llama. `path` (a local Hugging Face folder) wins over `preset`."""
+
+    preset: str = "tiny"  # tiny | smollm2_135m | llama3_2_1b | llama3_1_8b
+    path: Optional[str] = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    # Optional size overrides of the preset (None keeps the preset's value).
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = "synthetic"  # "synthetic", a local file/folder, or a hub name when online
+    format: str = "auto"  # auto | explicit | implicit | conversational
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_source: Optional[str] = None  # a separate file for held-out pairs
+    tokenizer: str = "byte"  # "byte" or a local tokenizer folder (defaults to model.path)
+    max_prompt_length: int = 64
+    max_length: int = 128
+    buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
+    strict: bool = False
+    seed: int = 0
+    synthetic_train_per_task: int = 300
+    synthetic_eval_per_task: int = 60
+    max_eval_examples: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """SPEC §1–8 hyperparameters."""
+
+    beta: float = 0.1
+    link: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reward: str = "reverse_kl"  # implicit reward (SPEC §7); reverse_kl is DPO
+    reward_alpha: float = 0.5  # for reward="alpha"
+    logp_reduction: str = "sum"
+    gamma: float = 0.0  # embedding-score weight
+    kernel: str = "none"
+    embeddings: str = "policy"
+    eta: float = 0.0  # HMK / mixture entropy weight
+    alpha: float = 0.0  # divergence weight
+    divergence: str = "none"
+    renyi_order: float = 0.5
+    f_name: str = "chi2"
+    wasserstein_epsilon: float = 0.1
+    wasserstein_top_k: int = 8
+    sft_weight: float = 0.0
+    chunk_size: int = 64
+
+
+@dataclass(frozen=True)
+class ReferenceSection:
+    mode: str = "live"  # live | precomputed
+    top_k: int = 16  # stored reference top-k log-probs (precomputed mode, divergences)
+    cache_dir: Optional[str] = None  # default: RUN_DIR/../.reference_cache
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    learning_rate: float = 1e-3
+    kernel_learning_rate: float = 5e-2  # HMK / mixture weights
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass(frozen=True)
+class SFTSection:
+    """Optional supervised warm-up that turns the initial model into the reference."""
+
+    steps: int = 0
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 200
+    batch_size: int = 32
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
+    seed: int = 0
+    progress: bool = True
+    compare_with_dpo: bool = False  # also train plain DPO from the same reference and tabulate
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    reference: ReferenceSection = field(default_factory=ReferenceSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ValueError(f"config {key}={value!r}: expected one of {', '.join(choices)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks that types alone cannot express; errors name the key."""
+    _check_choice(cfg.loss.kernel, KERNELS, "loss.kernel")
+    _check_choice(cfg.loss.divergence, DIVERGENCES, "loss.divergence")
+    _check_choice(cfg.loss.link, LINKS, "loss.link")
+    _check_choice(cfg.loss.reward, REWARDS, "loss.reward")
+    _check_choice(cfg.loss.embeddings, EMBEDDINGS, "loss.embeddings")
+    _check_choice(cfg.loss.logp_reduction, ("sum", "mean"), "loss.logp_reduction")
+    _check_choice(cfg.reference.mode, ("live", "precomputed"), "reference.mode")
+    positive = {
+        "loss.beta": cfg.loss.beta,
+        "train.batch_size": cfg.train.batch_size,
+        "optim.learning_rate": cfg.optim.learning_rate,
+        "optim.grad_accum": cfg.optim.grad_accum,
+        "loss.chunk_size": cfg.loss.chunk_size,
+        "data.max_length": cfg.data.max_length,
+        "data.max_prompt_length": cfg.data.max_prompt_length,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"config {key}={value!r}: must be > 0")
+    nonneg = {
+        "loss.gamma": cfg.loss.gamma, "loss.alpha": cfg.loss.alpha, "loss.eta": cfg.loss.eta,
+        "loss.sft_weight": cfg.loss.sft_weight, "train.steps": cfg.train.steps,
+        "sft.steps": cfg.sft.steps,
+    }
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ValueError(f"config {key}={value!r}: must be >= 0")
+    if not 0.0 <= cfg.loss.label_smoothing < 0.5:
+        raise ValueError(f"config loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)")
+    if cfg.train.batch_size % cfg.optim.grad_accum:
+        raise ValueError(
+            f"config train.batch_size={cfg.train.batch_size} is not divisible by "
+            f"optim.grad_accum={cfg.optim.grad_accum}"
+        )
+    if cfg.loss.gamma > 0 and cfg.loss.kernel == "none":
+        raise ValueError("config loss.gamma > 0 needs a loss.kernel (e.g. hmk)")
+    if cfg.loss.alpha > 0 and cfg.loss.divergence == "none":
+        raise ValueError("config loss.alpha > 0 needs a loss.divergence (e.g. kl)")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ValueError(
+            f"config data.max_prompt_length={cfg.data.max_prompt_length} must be smaller than "
+            f"data.max_length={cfg.data.max_length}"
+        )
+    if max(cfg.data.buckets) < cfg.data.max_length:
+        raise ValueError(
+            f"config data.buckets={cfg.data.buckets}: the largest bucket must be >= "
+            f"data.max_length={cfg.data.max_length}"
+        )
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (differences only), then `key=value` overrides.
+
+    >>> cfg = load_config(None, ["loss.beta=0.5", "train.steps=3"])
+    >>> cfg.loss.beta, cfg.train.steps
+    (0.5, 3)
+    """
+    layers = [OmegaConf.structured(Config)]
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        where = f" in {path}" if path is not None else ""
+        raise ValueError(f"bad configuration{where}: {str(err).splitlines()[0]}") from None
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (for config.yaml in the run folder and for fingerprints)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

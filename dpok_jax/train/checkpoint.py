@@ -1,0 +1,75 @@
+"""Orbax checkpoints of a run: the train state, the data position and the step's metrics.
+
+Async saves; the last `keep` checkpoints and the best one by held-out accuracy are kept
+(`AnyPreservationPolicy(LatestN, BestN)`). Restoring goes straight into the target shardings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+BEST_METRIC = "eval/accuracy"
+
+
+class RunCheckpoints:
+    """Checkpoints under `RUN_DIR/checkpoints/<step>/{state,data}`."""
+
+    def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(n=max(int(keep), 1)),
+            pp.BestN(get_metric_fn=lambda m: m.get(BEST_METRIC, float("-inf")), n=1,
+                     keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, metrics: dict | None = None,
+             *, force: bool = False) -> bool:
+        """Queue an async save; `metrics` (scalars) feed the best-checkpoint policy."""
+        clean = None
+        if metrics:
+            clean = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    data=ocp.args.JsonSave(data_state)),
+            metrics=clean, force=force,
+        )
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        """Restore into the shapes, dtypes and shardings of `target` (a concrete or abstract state)."""
+        abstract = jax.tree.map(_abstract, target)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                          data=ocp.args.JsonRestore()),
+        )
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(x):
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, (int, float)) or (hasattr(v, "shape") and v.shape == ())

@@ -1,0 +1,277 @@
+"""The pure train and eval steps of DPO-Kernels (SPEC §8), and the SFT warm-up step.
+
+Everything here is a function of arrays plus a frozen, hashable `StepSpec` of hyperparameters that
+is closed over (never the config object). The model enters through its NNX graphdef: parameters are
+merged into it inside the traced function (`nnx.merge`), so the jitted functions are pure.
+
+Batch layout (from `dpok_jax.data.PreferenceBatcher`): `{chosen,rejected}_{input_ids,attention_mask,
+response_mask}` [b, L] int32, `task_id` [b], `valid` [b]; in precomputed-reference mode also
+`ref_chosen_logps`, `ref_rejected_logps` [b], `ref_embedding_{prompt,chosen,rejected}` [b, H] and,
+for divergences, `ref_topk_indices` / `ref_topk_logps` [2b, L-1, k]; with dataset embeddings,
+`embedding_{prompt,chosen,rejected}` [b, d].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dpok_jax import losses
+from dpok_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static hyperparameters of the step (hashable; changing one retraces, by design)."""
+
+    beta: float = 0.1
+    link: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reward: str = "reverse_kl"
+    reward_params: tuple = ()
+    logp_reduction: str = "sum"
+    gamma: float = 0.0
+    kernel: str = "none"
+    embeddings: str = "policy"
+    eta: float = 0.0
+    alpha: float = 0.0
+    divergence: str = "none"
+    divergence_params: tuple = ()
+    sft_weight: float = 0.0
+    chunk_size: int = 64
+    reference: str = "live"  # live | precomputed
+    grad_accum: int = 1
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.gamma > 0 and self.kernel != "none"
+
+    @property
+    def uses_divergence(self) -> bool:
+        return self.alpha > 0 and self.divergence != "none"
+
+
+def _pair_arrays(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Chosen and rejected stacked into one [2b, L] forward pass."""
+    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
+    attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], 0)
+    resp = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]], 0)
+    return ids, attn, resp
+
+
+def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean over positions, in float32: [N, L, H], [N, L] -> [N, H]."""
+    m = mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+    return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def pooled_embeddings(hidden: jax.Array, attn: jax.Array, resp: jax.Array) -> tuple:
+    """SPEC §3 `e_x, e_{y+}, e_{y-}` from hidden states of the stacked [2b, L] pair batch."""
+    b = hidden.shape[0] // 2
+    prompt_mask = attn * (1 - resp)
+    e_x = mean_pool(hidden[:b], prompt_mask[:b])
+    e_y = mean_pool(hidden, resp)
+    return e_x, e_y[:b], e_y[b:]
+
+
+def _sequence_reduce(token_logps: jax.Array, mask: jax.Array, reduction: str) -> jax.Array:
+    m = mask.astype(jnp.float32)
+    total = jnp.sum(token_logps * m, axis=-1)
+    if reduction == "mean":
+        return total / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+    return total
+
+
+class ModelFns:
+    """The model as pure functions of its parameters (graphdef and non-parameter state closed over)."""
+
+    def __init__(self, graphdef: Any, rest: Any):
+        self.graphdef = graphdef
+        self.rest = rest
+
+    def hidden(self, params: Any, ids: jax.Array, attn: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Final hidden states [N, L, H] and the unembedding [H, V]."""
+        model = nnx.merge(self.graphdef, params, self.rest)
+        return model(ids, attn, return_hidden=True), model.unembedding()
+
+
+def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
+    """Shared by train and eval: per-sequence log-probs, embeddings and divergences."""
+    ids, attn, resp = _pair_arrays(batch)
+    labels, mask = ids[:, 1:], resp[:, 1:]
+    hidden, unembed = fns.hidden(trainable["policy"], ids, attn)
+    div_kwargs = dict(spec.divergence_params)
+    divergence = spec.divergence if spec.uses_divergence else None
+    ref_hidden = None
+    if spec.reference == "live":
+        ref_hidden, ref_unembed = jax.lax.stop_gradient(fns.hidden(ref_params, ids, attn))
+        pol_tok, ref_tok, div = losses.chunked_logps_and_divergence(
+            hidden[:, :-1], unembed, labels, ref_hidden=ref_hidden[:, :-1], ref_unembed=ref_unembed,
+            divergence=divergence, chunk_size=spec.chunk_size, **div_kwargs,
+        )
+        ref_seq = _sequence_reduce(ref_tok, mask, spec.logp_reduction)
+    else:
+        ref_topk = None
+        if divergence is not None:
+            ref_topk = (batch["ref_topk_indices"], batch["ref_topk_logps"])
+        pol_tok, _, div = losses.chunked_logps_and_divergence(
+            hidden[:, :-1], unembed, labels, ref_topk=ref_topk, divergence=divergence,
+            chunk_size=spec.chunk_size, **div_kwargs,
+        )
+        ref_seq = jnp.concatenate([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    pol_seq = _sequence_reduce(pol_tok, mask, spec.logp_reduction)
+    b = ids.shape[0] // 2
+    embeddings = None
+    if spec.uses_kernel:
+        if spec.embeddings == "policy":
+            embeddings = pooled_embeddings(hidden, attn, resp)
+        elif spec.embeddings == "reference" and ref_hidden is not None:
+            embeddings = pooled_embeddings(ref_hidden, attn, resp)
+        elif spec.embeddings == "reference":
+            embeddings = tuple(batch[f"ref_embedding_{k}"] for k in ("prompt", "chosen", "rejected"))
+        else:
+            embeddings = tuple(batch[f"embedding_{k}"] for k in ("prompt", "chosen", "rejected"))
+    nll = -jnp.sum(pol_tok[:b] * mask[:b], -1) / jnp.maximum(jnp.sum(mask[:b], -1), 1)
+    return dict(
+        pol_chosen=pol_seq[:b], pol_rejected=pol_seq[b:], ref_chosen=ref_seq[:b],
+        ref_rejected=ref_seq[b:], embeddings=embeddings, div=div, div_mask=mask, chosen_nll=nll,
+        tokens=jnp.sum(attn),
+    )
+
+
+def make_loss_fn(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) -> Callable:
+    """`loss_fn(trainable, ref_params, batch) -> (loss, metrics)`: the objective of SPEC §8."""
+
+    def loss_fn(trainable, ref_params, batch):
+        out = _forward_pairs(fns, spec, trainable, ref_params, batch)
+        kernel_kwargs = {}
+        if spec.uses_kernel:
+            kernel_kwargs = dict(
+                gamma=spec.gamma, kernel=spec.kernel, embeddings=out["embeddings"],
+                kernel_params=kernel_params, eta=spec.eta,
+                hmk_params=trainable["kernel"] if spec.kernel == "hmk" else None,
+                mixture_params=trainable["kernel"] if spec.kernel == "mixture" else None,
+            )
+        div_kwargs = {}
+        if spec.uses_divergence:
+            div_kwargs = dict(
+                divergence=out["div"], divergence_mask=out["div_mask"], alpha=spec.alpha,
+                divergence_name=spec.divergence,
+            )
+        loss, metrics = losses.dpo_kernels_loss(
+            out["pol_chosen"], out["pol_rejected"], out["ref_chosen"], out["ref_rejected"],
+            beta=spec.beta, link=spec.link, label_smoothing=spec.label_smoothing,
+            reward=spec.reward, reward_params=dict(spec.reward_params) or None,
+            sft_weight=spec.sft_weight,
+            chosen_nll=out["chosen_nll"] if spec.sft_weight > 0 else None,
+            **kernel_kwargs, **div_kwargs,
+        )
+        metrics = dict(metrics)
+        metrics["tokens"] = out["tokens"].astype(jnp.float32)
+        return loss, metrics
+
+    return loss_fn
+
+
+def _accumulated_grads(loss_fn: Callable, params, ref_params, batch, accum: int):
+    """Mean loss, metrics and gradients over `accum` micro-batches (lax.scan, one compiled body)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (loss, metrics), grads = grad_fn(params, ref_params, batch)
+        return loss, metrics, grads
+
+    def split(x):
+        # Strided micro-batches keep each one spread over the batch-sharded devices.
+        return jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+        (loss, metrics), grads = grad_fn(params, ref_params, mb)
+        acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+        return acc, None
+
+    shapes = jax.eval_shape(grad_fn, params, ref_params, jax.tree.map(lambda x: x[0], micro))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
+    (loss, metrics, grads), _ = jax.lax.scan(body, zero, micro)
+    scale = 1.0 / accum
+    return jax.tree.map(lambda x: x * scale, (loss, metrics, grads))
+
+
+def make_train_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None, tx) -> Callable:
+    """`train_step(state, ref_params, batch) -> (state, metrics)`; jit it with shardings."""
+    loss_fn = make_loss_fn(fns, spec, kernel_params)
+
+    def train_step(state: TrainState, ref_params, batch):
+        loss, metrics, grads = _accumulated_grads(loss_fn, state.params, ref_params, batch,
+                                                  spec.grad_accum)
+        finite = jnp.isfinite(loss)
+        # A non-finite loss with finite gradients must still be skipped: poison the gradients so
+        # optax.apply_if_finite drops the update and counts it.
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads),
+                       skipped=1.0 - opt_state.last_finite.astype(jnp.float32))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def _global_norm(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def make_eval_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) -> Callable:
+    """`eval_step(params, ref_params, batch) -> per-pair dict` of reward margin, score and margin h."""
+
+    def eval_step(params, ref_params, batch):
+        out = _forward_pairs(fns, spec, params, ref_params, batch)
+        reward_params = dict(spec.reward_params)
+        r_pos = losses.implicit_reward(spec.reward, out["pol_chosen"], out["ref_chosen"],
+                                       beta=spec.beta, **reward_params)
+        r_neg = losses.implicit_reward(spec.reward, out["pol_rejected"], out["ref_rejected"],
+                                       beta=spec.beta, **reward_params)
+        reward_margin = r_pos - r_neg
+        score = jnp.zeros_like(reward_margin)
+        if spec.uses_kernel:
+            e_x, e_pos, e_neg = out["embeddings"]
+            score = losses.embedding_score(
+                spec.kernel, e_x, e_pos, e_neg, kernel_params=kernel_params,
+                hmk_params=params["kernel"] if spec.kernel == "hmk" else None,
+                mixture_params=params["kernel"] if spec.kernel == "mixture" else None,
+            )
+        return dict(reward_margin=reward_margin, score=score,
+                    margin=reward_margin + spec.gamma * score, task_id=batch["task_id"],
+                    valid=batch["valid"])
+
+    return eval_step
+
+
+def make_sft_step(fns: ModelFns, tx, chunk_size: int) -> Callable:
+    """`sft_step(params, opt_state, batch) -> (params, opt_state, loss)`: token-mean NLL of both
+    responses, which turns a fresh model into a reference that knows the format but prefers neither
+    response (the preference is left for DPO to learn)."""
+
+    def loss_fn(params, batch):
+        ids, attn, resp = _pair_arrays(batch)
+        hidden, unembed = fns.hidden(params, ids, attn)
+        tok = losses.chunked_token_logps(hidden[:, :-1], unembed, ids[:, 1:], chunk_size=chunk_size)
+        mask = resp[:, 1:].astype(jnp.float32)
+        return -jnp.sum(tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    def sft_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss
+
+    return sft_step
