@@ -1,0 +1,64 @@
+"""`dpok`: the command line.
+
+    dpok train [--config FILE] [key=value ...]   train (no arguments: the embedded default)
+    dpok export RUN_DIR OUT                      write the trained policy as a Hugging Face checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dpok_jax.config import load_config
+    from dpok_jax.train.loop import TrainingDiverged
+    from dpok_jax.train.run import run
+
+    config_path = args.config
+    if config_path is None and not args.overrides:
+        config_path = default_config_path()
+        print(f"No config given: the embedded default ({config_path.name}).", flush=True)
+    cfg = load_config(config_path, args.overrides)
+    try:
+        summary = run(cfg)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 130 if summary.get("interrupted") else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dpok_jax.train.export import export_run
+
+    path = export_run(Path(args.run_dir), Path(args.out))
+    print(f"Exported the policy to {path}")
+    return 0
+
+
+def default_config_path() -> Path:
+    return Path(__file__).parent / "configs" / "default.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpok", description="DPO-Kernels training in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a policy (no arguments: the embedded default)")
+    train.add_argument("--config", type=Path, default=None, help="YAML file of overrides")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.beta=0.2")
+    train.set_defaults(func=_train)
+    export = sub.add_parser("export", help="export a run's policy as a Hugging Face checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("out")
+    export.set_defaults(func=_export)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""`dpok train`: a whole run from a `Config`.
+
+data -> tokenized pairs (bad rows reported) -> model (preset or local HF checkpoint) on the mesh ->
+optional SFT warm-up that becomes the reference -> kernel parameters fitted on training embeddings ->
+(optional) precomputed reference -> the DPO-Kernels loop -> held-out evaluation -> `summary.json`.
+With `train.compare_with_dpo`, plain DPO is trained from the same reference into
+`RUN_DIR/dpo_baseline` and both are tabulated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dpok_jax import config as config_lib
+from dpok_jax import data as data_lib
+from dpok_jax import losses, sharding
+from dpok_jax.models import Llama, ModelConfig, load_llama
+from dpok_jax.train import reference as reference_lib
+from dpok_jax.train.checkpoint import RunCheckpoints
+from dpok_jax.train.loop import LoopResult, batch_sharding_for, run_loop, to_global, tree_copy
+from dpok_jax.train.state import init_train_state, make_optimizer
+from dpok_jax.train.step import ModelFns, StepSpec, make_eval_step, make_sft_step, make_train_step
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything shared by the runs of one `dpok train` (main run and DPO baseline)."""
+
+    cfg: config_lib.Config
+    mesh: Any
+    tokenizer: Any
+    train_pairs: Any
+    eval_pairs: Any
+    task_names: list
+    fns: ModelFns
+    init_params: Any  # the reference's parameters (after the SFT warm-up, if any)
+    param_shardings: Any
+    batch_sharding: Any
+
+
+def step_spec(cfg: config_lib.Config) -> StepSpec:
+    loss = cfg.loss
+    reward_params = (("alpha", loss.reward_alpha),) if loss.reward == "alpha" else ()
+    div_params: tuple = ()
+    if loss.divergence == "renyi":
+        div_params = (("order", loss.renyi_order),)
+    elif loss.divergence == "f":
+        div_params = (("f", loss.f_name),)
+    elif loss.divergence == "wasserstein":
+        div_params = (("epsilon", loss.wasserstein_epsilon), ("top_k", loss.wasserstein_top_k))
+    return StepSpec(
+        beta=loss.beta, link=loss.link, label_smoothing=loss.label_smoothing, reward=loss.reward,
+        reward_params=reward_params, logp_reduction=loss.logp_reduction, gamma=loss.gamma,
+        kernel=loss.kernel, embeddings=loss.embeddings, eta=loss.eta, alpha=loss.alpha,
+        divergence=loss.divergence, divergence_params=div_params, sft_weight=loss.sft_weight,
+        chunk_size=loss.chunk_size, reference=cfg.reference.mode, grad_accum=cfg.optim.grad_accum,
+    )
+
+
+def _load_data(cfg: config_lib.Config, tokenizer, run_dir: Path):
+    d = cfg.data
+    if d.source == "synthetic":
+        splits = data_lib.synthetic_tasks(d.seed, n_train_per_task=d.synthetic_train_per_task,
+                                          n_eval_per_task=d.synthetic_eval_per_task)
+        train_ds, eval_ds = splits["train"], splits["test"]
+    else:
+        train_ds = data_lib.load_preference_dataset(d.source, split=d.train_split, format=d.format,
+                                                    tokenizer=tokenizer)
+        eval_ds = data_lib.load_preference_dataset(d.eval_source or d.source, split=d.eval_split,
+                                                   format=d.format, tokenizer=tokenizer)
+    if d.max_eval_examples is not None and len(eval_ds) > d.max_eval_examples:
+        eval_ds = eval_ds.select(range(d.max_eval_examples))
+    out = []
+    for name, ds in (("train", train_ds), ("eval", eval_ds)):
+        pairs, report = data_lib.tokenize_pairs(ds, tokenizer, max_prompt_length=d.max_prompt_length,
+                                                max_length=d.max_length, strict=d.strict)
+        if jax.process_index() == 0:
+            report.save(run_dir / f"bad_rows_{name}.json")
+        if report.total_skipped:
+            print(f"[{name} data] {report.summary()}", flush=True)
+        if len(pairs) == 0:
+            raise ValueError(f"no usable {name} pairs left in {d.source!r}: {report.summary()}")
+        out.append(pairs)
+    return out
+
+
+def _build_model(cfg: config_lib.Config, tokenizer, mesh):
+    m = cfg.model
+    if m.path is not None:
+        return load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
+    overrides = {k: v for k, v in dataclasses.asdict(m).items()
+                 if k in {"hidden_size", "intermediate_size", "num_layers", "num_heads",
+                          "num_kv_heads", "head_dim"} and v is not None}
+    constructor = getattr(ModelConfig, m.preset, None)
+    if constructor is None:
+        raise ValueError(f"config model.preset={m.preset!r}: unknown (tiny, smollm2_135m, "
+                         "llama3_2_1b, llama3_1_8b)")
+    vocab = int(tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else len(tokenizer))
+    model_cfg = constructor(vocab_size=max(vocab, len(tokenizer) if hasattr(tokenizer, "__len__") else 0),
+                            dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **overrides)
+    return Llama(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+
+
+def prepare(cfg: config_lib.Config) -> Prepared:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+    n_batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.batch_size % (n_batch_devices * cfg.optim.grad_accum):
+        raise ValueError(
+            f"config train.batch_size={cfg.train.batch_size} must be divisible by the batch devices "
+            f"(mesh data x fsdp = {n_batch_devices}) times optim.grad_accum={cfg.optim.grad_accum}")
+    tok_name = cfg.data.tokenizer if cfg.data.tokenizer != "byte" or cfg.model.path is None \
+        else cfg.model.path
+    tokenizer = data_lib.load_tokenizer(tok_name)
+    train_pairs, eval_pairs = _load_data(cfg, tokenizer, run_dir)
+    model = _build_model(cfg, tokenizer, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shardings = sharding.param_shardings(mesh, params)
+    params = jax.device_put(params, shardings)
+    fns = ModelFns(graphdef, rest)
+    prepared = Prepared(cfg=cfg, mesh=mesh, tokenizer=tokenizer, train_pairs=train_pairs,
+                        eval_pairs=eval_pairs, task_names=list(train_pairs.task_names), fns=fns,
+                        init_params=params, param_shardings=shardings,
+                        batch_sharding=batch_sharding_for(mesh, BATCH_AXES))
+    if cfg.sft.steps > 0:
+        prepared.init_params = sft_warmup(prepared)
+    return prepared
+
+
+def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int):
+    return data_lib.PreferenceBatcher(
+        pairs, global_batch_size=batch_size, seed=seed, buckets=cfg.data.buckets,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def sft_warmup(p: Prepared):
+    """Supervised warm-up on both responses; saved to RUN_DIR/reference so a resume reuses it."""
+    cfg = p.cfg
+    ref_dir = Path(cfg.run_dir).absolute() / "reference"
+    ckpt = RunCheckpoints(ref_dir, keep=1, async_save=False)
+    if ckpt.latest_step() is not None:
+        params, _ = ckpt.restore(ckpt.latest_step(), p.init_params)
+        ckpt.close()
+        print(f"Reference (SFT warm-up) loaded from {ref_dir}.", flush=True)
+        return params
+    tx = make_optimizer(learning_rate=cfg.sft.learning_rate, kernel_learning_rate=0.0,
+                        warmup_steps=min(10, cfg.sft.steps // 10), total_steps=cfg.sft.steps,
+                        weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=cfg.optim.clip_norm)
+    wrapped = {"policy": p.init_params, "kernel": {}}
+    opt_state = tx.init(wrapped)
+    jitted = jax.jit(_sft_over_wrapped(p.fns, tx, cfg.loss.chunk_size), donate_argnums=(0, 1))
+    batcher = _batcher(p.train_pairs, cfg, cfg.sft.batch_size, cfg.train.seed + 1)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(cfg.sft.steps), desc="sft warm-up", disable=not cfg.train.progress,
+               dynamic_ncols=True, mininterval=1.0)
+    params = tree_copy(wrapped)
+    loss = None
+    for i in bar:
+        params, opt_state, loss = jitted(params, opt_state, to_global(next(batcher), p.batch_sharding))
+        if (i + 1) % max(cfg.train.log_every, 1) == 0:
+            bar.set_postfix(nll=f"{float(loss):.4f}")
+    print(f"SFT warm-up: {cfg.sft.steps} steps, final token NLL {float(loss):.4f}.", flush=True)
+    ckpt.save(0, params["policy"], {"sft_steps": cfg.sft.steps}, force=True)
+    ckpt.close()
+    return params["policy"]
+
+
+def _sft_over_wrapped(fns: ModelFns, tx, chunk_size: int):
+    """The SFT step on the `{"policy", "kernel"}` tree the shared optimizer factory expects."""
+    inner = make_sft_step(fns, _PolicyOnly(tx), chunk_size)
+
+    def step(params, opt_state, batch):
+        policy, opt_state, loss = inner(params["policy"], opt_state, batch)
+        return {"policy": policy, "kernel": params["kernel"]}, opt_state, loss
+
+    return step
+
+
+class _PolicyOnly:
+    """Adapts an optimizer over `{"policy", "kernel"}` to a policy-only update."""
+
+    def __init__(self, tx):
+        self.tx = tx
+
+    def update(self, grads, opt_state, params):
+        updates, opt_state = self.tx.update({"policy": grads, "kernel": {}}, opt_state,
+                                            {"policy": params, "kernel": {}})
+        return updates["policy"], opt_state
+
+
+def fit_kernel(p: Prepared, spec: StepSpec) -> dict | None:
+    """Kernel parameters (σ by the median heuristic, Ledoit–Wolf Σ, spectral frequencies) fitted
+    once on training embeddings from the reference (or the dataset's columns)."""
+    if not spec.uses_kernel:
+        return None
+    e_x, e_pos, e_neg = reference_lib.training_embeddings(p, spec, max_pairs=1024)
+    params = losses.fit_kernel_params(e_x, e_pos, e_neg)
+    return params
+
+
+def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop=None) -> LoopResult:
+    """One DPO-Kernels run from the prepared reference into `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    spec = step_spec(cfg)
+    kernel_params = fit_kernel(p, spec)
+    if spec.kernel == "hmk" and spec.uses_kernel:
+        kernel_init = losses.init_hmk_params()
+    elif spec.kernel == "mixture" and spec.uses_kernel:
+        kernel_init = losses.init_mixture_params()
+    else:
+        kernel_init = {}
+    tx = make_optimizer(
+        learning_rate=cfg.optim.learning_rate, kernel_learning_rate=cfg.optim.kernel_learning_rate,
+        warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
+        weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1, b2=cfg.optim.b2,
+        clip_norm=cfg.optim.clip_norm)
+    ref_params = p.init_params
+    params = {"policy": tree_copy(p.init_params), "kernel": jax.tree.map(np.asarray, kernel_init)}
+    state = jax.jit(lambda prm: init_train_state(prm, tx, cfg.train.seed))(params)
+    state = jax.device_put(state, _state_shardings(state, p.mesh))
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    cache = None
+    if spec.reference == "precomputed":
+        cache = reference_lib.precomputed_reference(p, spec, ref_params, run_dir)
+    train_step = jax.jit(make_train_step(p.fns, spec, kernel_params, tx),
+                         in_shardings=(state_shardings, p.param_shardings, None),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(p.fns, spec, kernel_params))
+    batcher = _batcher(p.train_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
+    eval_batcher = _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
+    if cache is not None:
+        batcher = cache.attach(batcher)
+        eval_cache = reference_lib.precomputed_reference(p, spec, ref_params, run_dir, split="eval")
+        eval_batches = lambda: eval_cache.attach_iter(eval_batcher.iterate_once())  # noqa: E731
+    else:
+        eval_batches = eval_batcher.iterate_once
+    result = run_loop(
+        state=state, ref_params=ref_params, train_step=train_step, eval_step=eval_step,
+        batcher=batcher, eval_batches=eval_batches, task_names=p.task_names,
+        sharding=p.batch_sharding, run_dir=run_dir, total_steps=cfg.train.steps,
+        log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
+        checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
+        max_nonfinite=cfg.train.max_nonfinite, progress=cfg.train.progress,
+        desc=run_dir.name, should_stop=should_stop,
+    )
+    if not result.eval_metrics and not result.interrupted:
+        from dpok_jax.train.loop import evaluate
+
+        result.eval_metrics = evaluate(eval_step, result.state.params, ref_params, eval_batches(),
+                                       p.batch_sharding, p.task_names)
+    if spec.uses_kernel and spec.kernel in ("hmk", "mixture"):
+        weights = (losses.hmk_weights if spec.kernel == "hmk" else losses.mixture_weights)(
+            result.state.params["kernel"])
+        result.eval_metrics.update({f"{spec.kernel}/{k}": float(v) for k, v in weights.items()})
+    return result
+
+
+def _state_shardings(state, mesh):
+    """Parameter-like leaves keep their sharding; anything else is replicated on the mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(x):
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, NamedSharding) and s.mesh.shape == mesh.shape else replicated
+
+    return jax.tree.map(pick, state)
+
+
+def dpo_baseline_config(cfg: config_lib.Config) -> config_lib.Config:
+    """The same run as plain DPO: no kernel term, no divergence penalty, sigmoid link."""
+    loss = dataclasses.replace(cfg.loss, gamma=0.0, kernel="none", eta=0.0, alpha=0.0,
+                               divergence="none", link="sigmoid", reward="reverse_kl",
+                               label_smoothing=0.0)
+    return dataclasses.replace(cfg, loss=loss, run_dir=str(Path(cfg.run_dir) / "dpo_baseline"))
+
+
+def run(cfg: config_lib.Config, *, should_stop=None) -> dict:
+    """Train (and optionally the DPO baseline), print the accuracy table, write summary.json."""
+    if cfg.mesh.distributed:
+        jax.distributed.initialize()
+    run_dir = Path(cfg.run_dir)
+    p = prepare(cfg)
+    runs: dict[str, LoopResult] = {}
+    label = _label(cfg)
+    runs[label] = train_one(p, cfg, run_dir, should_stop=should_stop)
+    if cfg.train.compare_with_dpo and not runs[label].interrupted:
+        base = dpo_baseline_config(cfg)
+        runs["dpo"] = train_one(p, base, Path(base.run_dir), should_stop=should_stop)
+    summary = dict(runs[label].eval_metrics)
+    summary["run"] = label
+    summary["steps"] = runs[label].final_step
+    summary["skipped_steps"] = runs[label].skipped_steps
+    summary["interrupted"] = runs[label].interrupted
+    if "dpo" in runs:
+        summary.update({f"baseline/{k}": v for k, v in runs["dpo"].eval_metrics.items()})
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        print(format_table({k: r.eval_metrics for k, r in runs.items()}, p.task_names), flush=True)
+        print(f"Summary written to {run_dir / 'summary.json'}", flush=True)
+    return summary
+
+
+def _label(cfg: config_lib.Config) -> str:
+    parts = ["dpo" if cfg.loss.gamma == 0 else f"{cfg.loss.kernel}+hybrid"]
+    if cfg.loss.alpha > 0:
+        parts.append(cfg.loss.divergence)
+    return "+".join(parts)
+
+
+def format_table(results: dict[str, dict], task_names) -> str:
+    """Held-out preference accuracy per task (rows) for each run (columns)."""
+    names = list(results)
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = ["Held-out preference accuracy", f"{'task':<24}" + "".join(f"{n:>{width}}" for n in names)]
+    for task in list(task_names) + ["mean_over_tasks"]:
+        key = f"eval/accuracy/{task}"
+        if not any(key in r for r in results.values()):
+            continue
+        cells = "".join(f"{r.get(key, float('nan')):>{width}.3f}" for r in results.values())
+        lines.append(f"{task:<24}{cells}")
+    for key, title in (("eval/accuracy", "all pairs"), ("eval/f1", "F1 (both orders)")):
+        cells = "".join(f"{r.get(key, float('nan')):>{width}.3f}" for r in results.values())
+        lines.append(f"{title:<24}{cells}")
+    return "\n".join(lines)
