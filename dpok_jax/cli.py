@@ -13,14 +13,15 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from dpok_jax.config import load_config
-    from dpok_jax.train.loop import TrainingDiverged
-    from dpok_jax.train.run import run
 
     config_path = args.config
     if config_path is None and not args.overrides:
         config_path = default_config_path()
         print(f"No config given: the embedded default ({config_path.name}).", flush=True)
-    cfg = load_config(config_path, args.overrides)
+    cfg = load_config(config_path, args.overrides)  # bad config fails before JAX starts
+    from dpok_jax.train.loop import TrainingDiverged
+    from dpok_jax.train.run import run
+
     try:
         summary = run(cfg)
     except TrainingDiverged as err:

@@ -110,10 +110,11 @@ def _build_model(cfg: config_lib.Config, tokenizer, mesh):
     return Llama(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
 
 
-def prepare(cfg: config_lib.Config) -> Prepared:
+def prepare(cfg: config_lib.Config, *, devices=None) -> Prepared:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+    mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor,
+                              devices=devices)
     n_batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.train.batch_size % (n_batch_devices * cfg.optim.grad_accum):
         raise ValueError(
@@ -289,12 +290,12 @@ def dpo_baseline_config(cfg: config_lib.Config) -> config_lib.Config:
     return dataclasses.replace(cfg, loss=loss, run_dir=str(Path(cfg.run_dir) / "dpo_baseline"))
 
 
-def run(cfg: config_lib.Config, *, should_stop=None) -> dict:
+def run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
     """Train (and optionally the DPO baseline), print the accuracy table, write summary.json."""
     if cfg.mesh.distributed:
         jax.distributed.initialize()
     run_dir = Path(cfg.run_dir)
-    p = prepare(cfg)
+    p = prepare(cfg, devices=devices)
     runs: dict[str, LoopResult] = {}
     label = _label(cfg)
     runs[label] = train_one(p, cfg, run_dir, should_stop=should_stop)

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+
+from dpok_jax.cli import default_config_path, main
+from dpok_jax.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml")) + [default_config_path()]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_config_file_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # Files hold differences only: at least one value differs from the defaults.
+    assert cfg != Config()
+
+
+def test_overrides_and_errors(tmp_path):
+    cfg = load_config(default_config_path(), ["loss.beta=0.3", "train.steps=7"])
+    assert cfg.loss.beta == 0.3 and cfg.train.steps == 7 and cfg.loss.kernel == "hmk"
+    with pytest.raises(ValueError, match="nonexistent"):
+        load_config(None, ["loss.nonexistent=1"])
+    with pytest.raises(ValueError, match="loss.kernel"):
+        load_config(None, ["loss.kernel=gaussian"])
+    with pytest.raises(ValueError, match="loss.beta"):
+        load_config(None, ["loss.beta=0"])
+    with pytest.raises(ValueError, match="needs a loss.kernel"):
+        load_config(None, ["loss.gamma=0.5"])
+    with pytest.raises(ValueError, match="grad_accum"):
+        load_config(None, ["train.batch_size=10", "optim.grad_accum=3"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: many\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_cli_reports_bad_config(capsys):
+    assert main(["train", "loss.kernel=nope"]) == 2
+    assert "loss.kernel" in capsys.readouterr().err
