@@ -132,6 +132,10 @@ class MeshSection:
     fsdp: int = -1
     tensor: int = 1
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    # Only where JAX cannot detect the cluster (TPU pods and SLURM are detected automatically).
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
 
 
 @dataclass(frozen=True)

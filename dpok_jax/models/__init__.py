@@ -1,1 +1,6 @@
-"""dpok_jax.models."""
+"""Llama 3 in Flax NNX and Hugging Face checkpoint import / export."""
+
+from dpok_jax.models.hf import load_llama, load_tokenizer, read_config, save_llama
+from dpok_jax.models.llama import Llama, ModelConfig, RopeScaling
+
+__all__ = ["Llama", "ModelConfig", "RopeScaling", "load_llama", "load_tokenizer", "read_config", "save_llama"]

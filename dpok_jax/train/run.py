@@ -293,7 +293,9 @@ def dpo_baseline_config(cfg: config_lib.Config) -> config_lib.Config:
 def run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
     """Train (and optionally the DPO baseline), print the accuracy table, write summary.json."""
     if cfg.mesh.distributed:
-        jax.distributed.initialize()
+        m = cfg.mesh
+        jax.distributed.initialize(coordinator_address=m.coordinator_address,
+                                   num_processes=m.num_processes, process_id=m.process_id)
     run_dir = Path(cfg.run_dir)
     p = prepare(cfg, devices=devices)
     runs: dict[str, LoopResult] = {}
