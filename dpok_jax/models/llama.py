@@ -1,0 +1,479 @@
+"""The Llama 3 decoder in Flax NNX, numerically matched to `transformers.LlamaForCausalLM`.
+
+Parameters carry logical axis names (``out_sharding`` metadata) that `dpok_jax.sharding` resolves
+to mesh axes through its single rules table. The decoder layers are stacked on a leading
+``"layers"`` axis and run with `jax.lax.scan`, so compile time does not grow with depth.
+
+Intended use is functional: ``graphdef, state = nnx.split(model)`` outside, ``nnx.merge`` inside a
+jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """The ``llama3`` rope scaling of Llama 3.1+ (transformers' ``_compute_llama3_parameters``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.factor <= 0:
+            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                "RopeScaling.high_freq_factor must exceed low_freq_factor, got "
+                f"{self.high_freq_factor} <= {self.low_freq_factor}"
+            )
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError("RopeScaling.original_max_position_embeddings must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a Llama 3 decoder (names follow this package; `from_hf`/`to_hf` map HF's).
+
+    ``param_dtype`` is the storage dtype of the parameters, ``dtype`` the compute dtype of the
+    activations; logits are always float32. ``remat`` is the per-layer rematerialization policy:
+    ``"none"``, ``"full"`` (save only layer inputs), ``"dots"`` (save all matmul outputs) or
+    ``"dots_with_no_batch_dims"`` (save weight matmuls, recompute attention).
+
+    >>> ModelConfig.tiny(num_layers=4).num_layers
+    4
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"ModelConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(f"ModelConfig.rope_scaling must be None or RopeScaling, got {type(self.rope_scaling)}")
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """A copy with ``overrides`` applied (validated again)."""
+        return dataclasses.replace(self, **overrides)
+
+    # Named sizes. Values are those of the published config.json files.
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ModelConfig:
+        """A 2-layer, 64-wide GQA model with tied embeddings, trainable on CPU in minutes."""
+        base = dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=2048,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def smollm2_135m(cls, **overrides: Any) -> ModelConfig:
+        """HuggingFaceTB/SmolLM2-135M."""
+        base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                    num_kv_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def llama3_2_1b(cls, **overrides: Any) -> ModelConfig:
+        """meta-llama/Llama-3.2-1B."""
+        base = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                    num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                    rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def llama3_1_8b(cls, **overrides: Any) -> ModelConfig:
+        """meta-llama/Llama-3.1-8B."""
+        base = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                    num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
+                    rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides: Any) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x ``rope_scaling`` or 5.x
+        ``rope_parameters`` form). Raises ValueError naming the field for anything unsupported."""
+        def need(key):
+            if key not in hf:
+                raise ValueError(f"config.json: missing required field {key!r}")
+            return hf[key]
+
+        model_type = hf.get("model_type")
+        if model_type != "llama":
+            raise ValueError(f"config.json: model_type is {model_type!r}, expected 'llama'")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag, False):
+                raise ValueError(f"config.json: {flag}=true is not supported")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ValueError("config.json: pretraining_tp != 1 is not supported")
+
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy = hf.get("rope_scaling")
+        if legacy:
+            rope = {**legacy, **rope}
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "llama3":
+            try:
+                scaling = RopeScaling(
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope["low_freq_factor"]),
+                    high_freq_factor=float(rope["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                )
+            except KeyError as e:
+                raise ValueError(f"config.json: llama3 rope parameters lack {e.args[0]!r}") from None
+        else:
+            raise ValueError(f"config.json: rope_type {rope_type!r} is not supported (only 'default', 'llama3')")
+
+        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        base = dict(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        return cls(**{**base, **overrides})
+
+    def to_hf(self) -> dict:
+        """The ``config.json`` dict that `transformers.LlamaConfig` (5.x) reads back to this model."""
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": float(self.rope_theta),
+                    **dataclasses.asdict(self.rope_scaling)}
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.param_dtype,
+            "use_cache": True,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float32), with the optional llama3 scaling.
+
+    Computed in float32 numpy with the same operation order as transformers so the rotations
+    agree to the last bits.
+
+    >>> rope_inv_freq(8, 10000.0, None).round(4).tolist()
+    [1.0, 0.1, 0.01, 0.001]
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(scaling.factor), inv_freq).astype(np.float32)
+    smooth = ((np.float32(old_len) / wavelen - np.float32(scaling.low_freq_factor))
+              / np.float32(scaling.high_freq_factor - scaling.low_freq_factor)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / np.float32(scaling.factor) + smooth * scaled).astype(np.float32)
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables ``[B, T, D]`` for integer ``positions`` ``[B, T]``, in ``dtype``."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x`` ``[B, T, heads, D]`` by ``cos``/``sin`` ``[B, T, D]`` (HF's half-split layout)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig, *, ones=False):
+    if ones:
+        value = jnp.ones(shape, cfg.weight_dtype)
+    else:
+        value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
+        value = value.astype(cfg.weight_dtype)
+    # eager_sharding=False: creation stays mesh-free; placement is `dpok_jax.sharding`'s job.
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """``w * x / sqrt(mean(x^2) + eps)``, normalized in float32 like HF's LlamaRMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.rms_norm_eps
+        self.dtype = cfg.compute_dtype
+        self.weight = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, ones=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H] -> [B, T, H]
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention with rotary embeddings (no biases)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_kv_heads, self.head_dim = k, d
+        self.dtype = cfg.compute_dtype
+        self.q = _param(rngs, (h, n, d), ("embed", "heads", "head_dim"), cfg)
+        self.k = _param(rngs, (h, k, d), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v = _param(rngs, (h, k, d), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o = _param(rngs, (n, d, h), ("heads", "head_dim", "embed"), cfg)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x ``[B, T, H]``, cos/sin ``[B, T, D]``, mask ``[B, T, S]`` bool (True = may attend)."""
+        dt = self.dtype
+        q = jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt))
+        k = jnp.einsum("bth,hkd->btkd", x, self.k[...].astype(dt))
+        v = jnp.einsum("bth,hkd->btkd", x, self.v[...].astype(dt))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        b, t, n, d = q.shape
+        # Group query heads by their kv head instead of repeating k/v: same math as HF's repeat_kv
+        # (query head i uses kv head i // group), without materializing the copies.
+        q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, d)  # [B, T, K, G, D]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (d ** -0.5)
+        # A finite floor (not -inf) keeps fully padded query rows finite; their outputs are unused.
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+        return jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.dtype = cfg.compute_dtype
+        self.gate = _param(rngs, (h, i), ("embed", "mlp"), cfg)
+        self.up = _param(rngs, (h, i), ("embed", "mlp"), cfg)
+        self.down = _param(rngs, (i, h), ("mlp", "embed"), cfg)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H] -> [B, T, H]
+        dt = self.dtype
+        gate = jnp.einsum("bth,hi->bti", x, self.gate[...].astype(dt))
+        up = jnp.einsum("bth,hi->bti", x, self.up[...].astype(dt))
+        return jnp.einsum("bti,ih->bth", jax.nn.silu(gate) * up, self.down[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention then SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):  # x [B, T, H] -> [B, T, H]
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _remat_policy(name: str):
+    return {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """``cumsum(mask) - 1`` clipped at 0: position 0 at the first real token, for left or right padding.
+
+    >>> default_positions(jnp.array([[0, 0, 1, 1], [1, 1, 1, 0]])).tolist()
+    [[0, 0, 0, 1], [0, 1, 2, 2]]
+    """
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Llama(nnx.Module):
+    """Llama 3 causal LM: embeddings, ``num_layers`` stacked decoder layers, final RMSNorm, LM head.
+
+    Layer parameters have a leading ``"layers"`` axis (created with `nnx.vmap`) and run under
+    `jax.lax.scan`, optionally rematerialized per layer (``config.remat``).
+
+    >>> model = Llama(ModelConfig.tiny(vocab_size=64, num_layers=1), rngs=nnx.Rngs(0))
+    >>> ids = jnp.array([[5, 6, 7]], jnp.int32)
+    >>> model(ids, jnp.ones_like(ids)).shape
+    (1, 3, 64)
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        self.config = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(layer_rngs):
+            return DecoderLayer(cfg, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(
+            rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    def input_embeddings(self) -> jax.Array:
+        """The token embedding table ``[V, H]``."""
+        return self.embed[...]
+
+    def unembedding(self) -> jax.Array:
+        """The output projection ``[H, V]`` (the embedding table transposed when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        return_hidden: bool = False,
+    ) -> jax.Array:
+        """Run the decoder.
+
+        Args:
+          input_ids: ``[B, T]`` int token ids.
+          attention_mask: ``[B, T]``, 1 for real tokens and 0 for padding (left or right).
+          positions: ``[B, T]`` rotary positions; default `default_positions(attention_mask)`.
+          return_hidden: return the final-normed hidden states instead of logits.
+
+        Returns:
+          logits ``[B, T, V]`` float32, or hidden states ``[B, T, H]`` in the compute dtype.
+          Outputs at padded positions are finite but meaningless.
+        """
+        cfg = self.config
+        dt = cfg.compute_dtype
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        t = input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None, :, :] & attention_mask[:, None, :]  # [B, T, S]
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
+
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)  # [B, T, H]
+
+        layer_def, layer_state = nnx.split(self.layers)
+
+        def body(h, state):
+            return nnx.merge(layer_def, state)(h, cos, sin, mask), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, layer_state)
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        return jnp.einsum("bth,hv->btv", x, self.unembedding().astype(dt), preferred_element_type=jnp.float32)

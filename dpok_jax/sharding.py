@@ -1,0 +1,150 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters are annotated with logical names (``"vocab"``, ``"embed"``, ``"heads"``, ...) through
+NNX ``out_sharding`` metadata; `LOGICAL_AXIS_RULES` below is the only place that decides which mesh
+axis each name lands on (MaxText's ``logical_axis_rules``). Resolution uses Flax's own mechanism
+(`nnx.logical_axis_rules` + `nnx.get_partition_spec`).
+
+Mesh axes: ``data`` (pure data parallel: parameters replicated), ``fsdp`` (data parallel with
+parameters sharded along ``embed``), ``tensor`` (Megatron-style: heads, MLP width and vocab split).
+A parameter dimension that its mesh axes do not divide is an error (`param_shardings` raises,
+naming the parameter), never a silent fall back to replication.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None for replicated).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all); one size may be -1 to fill.
+
+    Raises ValueError (before anything compiles) when the sizes do not multiply to the device count.
+
+    >>> make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.devices()[:1]).shape
+    {'data': 1, 'fsdp': 1, 'tensor': 1}
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name!r} must be a positive int or -1, got {size!r}")
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {fill}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if n % known:
+            raise ValueError(
+                f"mesh {sizes} cannot fill {fill[0]!r}: {n} devices are not divisible by {known}"
+            )
+        sizes[fill[0]] = n // known
+    elif known != n:
+        raise ValueError(f"mesh {sizes} has {known} slots but there are {n} devices")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    # Auto axes: shardings are propagated by the compiler from parameters and batch, so the model
+    # code needs no per-op annotations.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def _axis_size(mesh: Mesh, entry: Any) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """The PartitionSpec for a tuple of logical axis names.
+
+    >>> logical_to_spec(("vocab", "embed"))
+    PartitionSpec('tensor', 'fsdp')
+    """
+    table = dict(rules)
+    for name in axes:
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no entry in the sharding rules table")
+    return PartitionSpec(*(table[name] if name is not None else None for name in axes))
+
+
+def param_shardings(mesh: Mesh, state: Any, *, rules=LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for an NNX state (concrete or from `nnx.eval_shape`), same tree structure.
+
+    Each Variable's ``out_sharding`` logical names are resolved through ``rules``. Raises ValueError
+    naming the parameter when a logical name is not in the table or a dimension is not divisible by
+    the size of the mesh axes it maps to.
+    """
+    table = dict(rules)
+
+    def check(path, var):
+        axes = var.get_metadata().get("out_sharding") or ()
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        for axis in axes:
+            if axis is not None and axis not in table:
+                raise ValueError(f"parameter {name}: logical axis {axis!r} has no entry in the sharding rules")
+        for dim, axis in zip(var.shape, axes):
+            size = _axis_size(mesh, table.get(axis))
+            if dim % size:
+                raise ValueError(
+                    f"parameter {name} {tuple(var.shape)}: dimension {axis!r}={dim} is not divisible by "
+                    f"mesh axes {table[axis]!r} of size {size} (mesh {dict(mesh.shape)})"
+                )
+        return var
+
+    jax.tree_util.tree_map_with_path(check, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(state)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, *, rules=LOGICAL_AXIS_RULES) -> nnx.Module:
+    """Place ``model``'s state on ``mesh`` per the rules, in place; returns the model."""
+    state = nnx.state(model)
+    shardings = param_shardings(mesh, state, rules=rules)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model
+
+
+def batch_sharding(mesh: Mesh, *, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Sharding of a batch array: leading dimension over the ``batch`` rule (``data`` x ``fsdp``)."""
+    return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"]))
+
+
+def shard_batch(batch: Any, mesh: Mesh, *, rules=LOGICAL_AXIS_RULES) -> Any:
+    """`jax.device_put` every array of ``batch`` with `batch_sharding`, checking divisibility first."""
+    sharding = batch_sharding(mesh, rules=rules)
+    size = _axis_size(mesh, dict(rules)["batch"])
+
+    def put(path, x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0 or x.shape[0] % size:
+            raise ValueError(
+                f"batch entry {jax.tree_util.keystr(path)} with shape {x.shape}: leading dimension must be "
+                f"divisible by the data-parallel size {size} (mesh {dict(mesh.shape)})"
+            )
+        return jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map_with_path(put, batch)
