@@ -1,17 +1,256 @@
-"""SCAFFOLD: being written; every name below is replaced by its real implementation."""
+"""Per-token and per-sequence log-probabilities (SPEC.md §1), and the chunked, rematerialized LM head.
+
+The head turns final hidden states `[B, T, H]` and an unembedding `[H, V]` into per-token log-probs
+(and, optionally, per-position divergences against a reference) one chunk of positions at a time. With
+`V = 128k` the full `[B, T, V]` float32 logits of one model are gigabytes; the chunked head holds one
+`[B, chunk, V]` block, and `jax.checkpoint` makes the backward pass recompute that block instead of
+saving every chunk's logits for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from dpok_jax.losses import _divergences
+
+__all__ = ["chunked_logps_and_divergence", "chunked_token_logps", "sequence_logps", "token_logps"]
 
 
-def chunked_logps_and_divergence(*args, **kwargs):
-    raise NotImplementedError("chunked_logps_and_divergence")
+def _acc_dtype(*arrays: jax.Array) -> Any:
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
-def chunked_token_logps(*args, **kwargs):
-    raise NotImplementedError("chunked_token_logps")
+def _gather_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """[..., V], [...] -> [...] `logits[label] − logsumexp(logits)` in (at least) float32."""
+    logits = logits.astype(_acc_dtype(logits))
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def sequence_logps(*args, **kwargs):
-    raise NotImplementedError("sequence_logps")
+def token_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-token log-probabilities `log softmax(logits)[label]`.
+
+    `log π(y_t) = z_t[y_t] − logsumexp(z_t)`, computed in float32 even from bf16 logits.
+    `logits[:, t]` is the distribution of `labels[:, t]` (the caller has already shifted).
+
+    Args:
+      logits: [B, T, V] (any float dtype).
+      labels: [B, T] int token ids in [0, V).
+
+    Returns:
+      [B, T] float32 (float64 for float64 logits).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> out = token_logps(jnp.log(jnp.array([[[0.25, 0.75]]])), jnp.array([[1]]))  # log 0.75
+      >>> out.shape, round(float(out[0, 0]), 4)
+      ((1, 1), -0.2877)
+
+    Reference: SPEC.md §1.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {labels.shape} must equal logits shape without V {logits.shape[:-1]}")
+    return _gather_logps(logits, labels)
 
 
-def token_logps(*args, **kwargs):
-    raise NotImplementedError("token_logps")
+def sequence_logps(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array, *, reduction: str = "sum"
+) -> jax.Array:
+    """Sequence log-probability over the masked-in (response) tokens.
+
+    `ℓ(y|x) = Σ_t m_t log π(y_t | x, y_<t)`; `reduction="mean"` divides by `Σ_t m_t` (length-normalized;
+    an all-zero mask gives 0).
+
+    Args:
+      logits: [B, T, V]; `logits[:, t]` is the distribution of `labels[:, t]` (already shifted).
+      labels: [B, T] int token ids.
+      mask: [B, T], 1 on response tokens, 0 on prompt and padding.
+      reduction: "sum" or "mean".
+
+    Returns:
+      [B] float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75]]]))
+      >>> out = sequence_logps(logits, jnp.array([[0, 1]]), jnp.array([[0, 1]]))  # only log 0.75 counts
+      >>> out.shape, round(float(out[0]), 4)
+      ((1,), -0.2877)
+
+    Reference: SPEC.md §1; Rafailov et al. (2023), DPO.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"'reduction' must be 'sum' or 'mean', got {reduction!r}")
+    if mask.shape != labels.shape:
+        raise ValueError(f"mask shape {mask.shape} must equal labels shape {labels.shape}")
+    tok = token_logps(logits, labels)
+    on = mask > 0
+    # where, not multiply: a masked-out token may have logp = -inf (masked logits), and 0 * -inf = NaN.
+    total = jnp.sum(jnp.where(on, tok, 0.0), axis=-1)
+    if reduction == "mean":
+        return total / jnp.maximum(jnp.sum(on, axis=-1), 1).astype(total.dtype)
+    return total
+
+
+# ----------------------------------------------------------------------------- the chunked head
+
+
+def _chunk_logits(h: jax.Array, unembed: jax.Array) -> jax.Array:
+    """[B, C, H] @ [H, V] -> [B, C, V], accumulated in (at least) float32."""
+    return jnp.einsum("bch,hv->bcv", h, unembed, preferred_element_type=_acc_dtype(h, unembed))
+
+
+def _check_head(hidden: jax.Array, unembed: jax.Array, labels: jax.Array | None, prefix: str = "") -> None:
+    if hidden.ndim != 3:
+        raise ValueError(f"{prefix}hidden must be [B, T, H], got shape {hidden.shape}")
+    if unembed.ndim != 2 or unembed.shape[0] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}unembed must be [H={hidden.shape[-1]}, V], got shape {unembed.shape}")
+    if labels is not None and labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels shape {labels.shape} must equal {prefix}hidden[:2] {hidden.shape[:2]}")
+
+
+def _map_chunks(fn: Callable, xs: tuple, *, chunk_size: int, remat: bool = True) -> Any:
+    """Apply `fn` to `[B, C, ...]` slices of the `[B, T, ...]` arrays `xs`, sequentially over T.
+
+    T is padded to a multiple of C (padded outputs are dropped). `remat=True` wraps `fn` in
+    `jax.checkpoint`, so reverse mode keeps only each chunk's inputs and recomputes its `[B, C, V]`
+    intermediates chunk by chunk.
+    """
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"'chunk_size' must be >= 1, got {chunk_size}")
+    b, t = xs[0].shape[:2]
+    c = min(chunk_size, t)
+    n = -(-t // c)
+    pad = n * c - t
+
+    def split(x):  # [B, T, ...] -> [n, B, C, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+
+    def merge(y):  # [n, B, C, ...] -> [B, T, ...]
+        return jnp.moveaxis(y, 0, 1).reshape(b, n * c, *y.shape[3:])[:, :t]
+
+    body = lambda args: fn(*args)  # noqa: E731
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    return jax.tree.map(merge, jax.lax.map(body, tuple(split(x) for x in xs)))
+
+
+def chunked_logps_and_divergence(
+    policy_hidden: jax.Array,
+    policy_unembed: jax.Array,
+    labels: jax.Array,
+    *,
+    ref_hidden: jax.Array | None = None,
+    ref_unembed: jax.Array | None = None,
+    ref_topk: tuple[jax.Array, jax.Array] | None = None,
+    divergence: str | None = None,
+    chunk_size: int = 128,
+    **div_params: Any,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Policy (and reference) per-token log-probs and per-position divergences in one chunked pass.
+
+    Per position t: `log π_θ(y_t) = z_t[y_t] − logsumexp(z_t)` with `z_t = h_t W`, likewise for the
+    reference, and `D(π_θ(·|c_t) ‖ π_ref(·|c_t))` from both chunk logits (see
+    :func:`dpok_jax.losses.divergence`), or, with `ref_topk`, the top-k + tail approximation
+    (:func:`dpok_jax.losses.topk_divergence`). Never holds `[B, T, V]` logits of either model, forward
+    or backward (rematerialized chunks). The reference side is under `stop_gradient`. Values and
+    gradients equal the naive full-logits computation.
+
+    Args:
+      policy_hidden: [B, T, H] policy final hidden states (already aligned with `labels`).
+      policy_unembed: [H, V] policy unembedding.
+      labels: [B, T] int next-token ids.
+      ref_hidden: [B, T, H] reference hidden states (live reference), or None.
+      ref_unembed: [H, V] reference unembedding (required with `ref_hidden`).
+      ref_topk: (indices [B, T, k] int, logps [B, T, k]) of a precomputed reference, or None.
+      divergence: a divergence name, or None for no divergence.
+      chunk_size: positions per chunk (T need not be a multiple).
+      **div_params: the divergence's hyperparameters (e.g. `order`, `f`, `cost_embeddings`).
+
+    Returns:
+      (policy_token_logps [B, T], ref_token_logps [B, T] or None, div [B, T] or None).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> h, w = jnp.ones((1, 3, 2)), jnp.array([[0.0, 1.0], [0.0, 1.0]])
+      >>> pol, ref, div = chunked_logps_and_divergence(h, w, jnp.array([[1, 1, 0]]), ref_hidden=h,
+      ...                                              ref_unembed=w, divergence="kl", chunk_size=2)
+      >>> [round(float(v), 4) for v in pol[0]], [round(float(v), 4) for v in div[0]]
+      ([-0.1269, -0.1269, -2.1269], [0.0, 0.0, 0.0])
+
+    Reference: SPEC.md §1 and §6 (memory).
+    """
+    _check_head(policy_hidden, policy_unembed, labels, "policy_")
+    live = ref_hidden is not None
+    if live and ref_topk is not None:
+        raise ValueError("pass either ref_hidden/ref_unembed (live reference) or ref_topk, not both")
+    if live:
+        if ref_unembed is None:
+            raise ValueError("ref_unembed is required with ref_hidden")
+        _check_head(ref_hidden, ref_unembed, labels, "ref_")
+        ref_hidden = jax.lax.stop_gradient(ref_hidden)
+        ref_unembed = jax.lax.stop_gradient(ref_unembed)
+    if divergence is None and div_params:
+        raise ValueError(f"divergence parameters {sorted(div_params)} given without a divergence")
+    if divergence is not None and not live and ref_topk is None:
+        raise ValueError(f"divergence {divergence!r} needs ref_hidden/ref_unembed or ref_topk")
+    xs = [policy_hidden, labels]
+    if live:
+        xs.append(ref_hidden)
+    elif ref_topk is not None:
+        idx, lps = ref_topk
+        if idx.shape != lps.shape or idx.shape[:2] != labels.shape:
+            raise ValueError(
+                f"ref_topk must be (indices, logps) of shape [B, T, k] with [B, T] = {labels.shape}, "
+                f"got {idx.shape} and {lps.shape}"
+            )
+        xs += [idx, jax.lax.stop_gradient(lps)]
+
+    def chunk(h, y, *ref):
+        pol_logits = _chunk_logits(h, policy_unembed)
+        out = {"pol": _gather_logps(pol_logits, y)}
+        if live:
+            ref_logits = _chunk_logits(ref[0], ref_unembed)
+            out["ref"] = _gather_logps(ref_logits, y)
+            if divergence is not None:
+                out["div"] = _divergences.divergence(divergence, pol_logits, ref_logits, **div_params)
+        elif divergence is not None:
+            out["div"] = _divergences.topk_divergence(divergence, pol_logits, ref[0], ref[1], **div_params)
+        return out
+
+    out = _map_chunks(chunk, tuple(xs), chunk_size=chunk_size)
+    return out["pol"], out.get("ref"), out.get("div")
+
+
+def chunked_token_logps(
+    hidden: jax.Array, unembed: jax.Array, labels: jax.Array, *, chunk_size: int = 128
+) -> jax.Array:
+    """Per-token log-probs from hidden states, chunked over T without materializing `[B, T, V]`.
+
+    `log π(y_t) = (h_t W)[y_t] − logsumexp(h_t W)`, one `[B, chunk, V]` block at a time, rematerialized
+    in the backward pass; equal in value and gradient to `token_logps(hidden @ unembed, labels)`.
+
+    Args:
+      hidden: [B, T, H] final hidden states.
+      unembed: [H, V] unembedding matrix.
+      labels: [B, T] int next-token ids.
+      chunk_size: positions per chunk (T need not be a multiple).
+
+    Returns:
+      [B, T] float32 (float64 for float64 inputs).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> out = chunked_token_logps(jnp.zeros((1, 5, 2)), jnp.zeros((2, 4)), jnp.zeros((1, 5), int),
+      ...                           chunk_size=2)  # uniform over 4 tokens: log(1/4) everywhere
+      >>> out.shape, [round(float(v), 4) for v in out[0]]
+      ((1, 5), [-1.3863, -1.3863, -1.3863, -1.3863, -1.3863])
+
+    Reference: SPEC.md §1 and §6 (memory).
+    """
+    return chunked_logps_and_divergence(hidden, unembed, labels, chunk_size=chunk_size)[0]
