@@ -1,1 +1,32 @@
-"""dpok_jax.data."""
+"""Preference data: formats, the embedded synthetic tasks, tokenization and batching.
+
+`load_preference_dataset` (rows of prompt / chosen / rejected) -> `tokenize_pairs` (token ids and a
+`BadRowReport`) -> `PreferenceBatcher` (padded numpy batches for this host). See docs/data.md.
+"""
+
+from dpok_jax.data.batching import DEFAULT_BUCKETS, PreferenceBatcher
+from dpok_jax.data.formats import FORMATS, detect_format, render_conversation, split_implicit
+from dpok_jax.data.loading import load_preference_dataset
+from dpok_jax.data.report import REASONS, BadRowReport
+from dpok_jax.data.synthetic import TASKS, synthetic_tasks
+from dpok_jax.data.tokenization import EMBEDDING_COLUMNS, TokenizedPairs, tokenize_pairs
+from dpok_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+
+__all__ = [
+    "BadRowReport",
+    "ByteTokenizer",
+    "DEFAULT_BUCKETS",
+    "EMBEDDING_COLUMNS",
+    "FORMATS",
+    "PreferenceBatcher",
+    "REASONS",
+    "TASKS",
+    "TokenizedPairs",
+    "detect_format",
+    "load_preference_dataset",
+    "load_tokenizer",
+    "render_conversation",
+    "split_implicit",
+    "synthetic_tasks",
+    "tokenize_pairs",
+]

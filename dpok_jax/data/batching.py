@@ -1,0 +1,168 @@
+"""`PreferenceBatcher`: padded numpy batches from `TokenizedPairs`, per host, resumable.
+
+Every host computes the same global order (a permutation drawn from ``(seed, epoch)``) and the same
+padded length, and keeps only its contiguous slice of each global batch, so the hosts' slices form
+one global batch without any communication.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dpok_jax.data.tokenization import TokenizedPairs
+
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class PreferenceBatcher:
+    """Shuffled, bucket-padded batches of preference pairs for this host; cycles through epochs.
+
+    Batch (numpy, ``b = global_batch_size // process_count`` rows, L a bucket):
+      ``chosen_input_ids, chosen_attention_mask, chosen_response_mask`` and the ``rejected_*`` three:
+      int32 [b, L]; ``input_ids = prompt + response``, right-padded with the pad id;
+      ``attention_mask`` is 1 on prompt and response; ``response_mask`` is 1 on response tokens
+      (EOS included). L is the smallest bucket holding the longest sequence of the *global* batch,
+      chosen and rejected alike (one L for both, so they can be concatenated; one L on all hosts).
+      ``task_id`` int32 [b], ``example_index`` int32 [b] (row in the source dataset), ``valid`` bool
+      [b] (False on padding rows of a partial batch, which copy a real row), and with dataset
+      embeddings ``embedding_prompt / embedding_chosen / embedding_rejected`` float32 [b, d].
+
+    Order: epoch e visits the pairs in ``default_rng([seed, e]).permutation(N)`` (or in order without
+    `shuffle`); `state()` / `restore()` record ``(epoch, position)`` so a resumed run gets exactly
+    the batches the uninterrupted run would have had.
+
+    Args:
+      pairs: from `tokenize_pairs`.
+      global_batch_size: rows of one batch over all hosts; divisible by `process_count`.
+      seed: shuffling seed.
+      buckets: allowed padded lengths; the largest must hold every pair (>= ``pairs.max_length``).
+      shuffle: reshuffle every epoch (else dataset order).
+      drop_last: drop an epoch's last partial batch (else pad it, ``valid`` False on the padding).
+      process_index, process_count: this host and the number of hosts.
+
+    >>> import datasets
+    >>> from dpok_jax.data import ByteTokenizer, tokenize_pairs
+    >>> ds = datasets.Dataset.from_dict({"prompt": ["a", "b", "c"], "chosen": [" x"] * 3, "rejected": [" y"] * 3})
+    >>> pairs, _ = tokenize_pairs(ds, ByteTokenizer(), max_prompt_length=4, max_length=8)
+    >>> batcher = PreferenceBatcher(pairs, global_batch_size=2, seed=0, buckets=(8, 16))
+    >>> batch = next(batcher)
+    >>> batch["chosen_input_ids"].shape, batch["chosen_response_mask"][0].tolist(), batcher.steps_per_epoch
+    ((2, 8), [0, 0, 1, 1, 1, 0, 0, 0], 1)
+    """
+
+    def __init__(self, pairs: TokenizedPairs, *, global_batch_size: int, seed: int,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, shuffle: bool = True, drop_last: bool = True,
+                 process_index: int = 0, process_count: int = 1):
+        if global_batch_size < 1 or global_batch_size % process_count:
+            raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                             f"process_count={process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
+        if len(pairs) == 0:
+            raise ValueError("PreferenceBatcher: no pairs (every row was skipped? see the bad-row report)")
+        self.buckets = tuple(sorted(int(b) for b in buckets))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"buckets={tuple(buckets)} must be positive lengths")
+        self._lengths = pairs.lengths
+        longest = max(int(self._lengths.max()), int(pairs.max_length))
+        if longest > self.buckets[-1]:
+            raise ValueError(f"the largest bucket {self.buckets[-1]} is shorter than max_length "
+                             f"{pairs.max_length} (longest pair: {int(self._lengths.max())} tokens); "
+                             "add a bucket >= max_length")
+        self.pairs = pairs
+        self.global_batch_size = int(global_batch_size)
+        self.local_batch_size = self.global_batch_size // process_count
+        self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        n = len(pairs)
+        self.steps_per_epoch = n // self.global_batch_size if drop_last else -(-n // self.global_batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} pairs are fewer than one global batch of {self.global_batch_size} and "
+                             "drop_last=True: nothing to iterate")
+        self._epoch, self._position = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        n = len(self.pairs)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def state(self) -> dict:
+        """``{"epoch", "position"}`` (plus the settings they depend on, checked by `restore`)."""
+        return {"epoch": self._epoch, "position": self._position, "seed": self.seed,
+                "num_examples": len(self.pairs), "global_batch_size": self.global_batch_size}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a `state()`: the next batch is the one that followed when it was taken."""
+        for key in ("seed", "num_examples", "global_batch_size"):
+            mine = self.state()[key]
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"cannot restore data position: saved {key}={int(state[key])}, this run has "
+                                 f"{mine} (the data or batch size changed since the checkpoint)")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.steps_per_epoch:
+            raise ValueError(f"invalid data state epoch={epoch}, position={position} "
+                             f"(steps_per_epoch={self.steps_per_epoch})")
+        self._epoch, self._position = epoch, position
+        self._order = self._epoch_order(epoch)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch if self._position < self.steps_per_epoch else self._epoch + 1
+
+    def __iter__(self) -> "PreferenceBatcher":
+        return self
+
+    def __next__(self) -> dict:
+        if self._position >= self.steps_per_epoch:
+            self._epoch, self._position = self._epoch + 1, 0
+            self._order = self._epoch_order(self._epoch)
+        g = self.global_batch_size
+        rows = self._order[self._position * g:(self._position + 1) * g]
+        self._position += 1
+        return self._build(rows)
+
+    def iterate_once(self) -> Iterator[dict]:
+        """One pass in dataset order (no shuffle), the last partial batch padded (``valid`` False).
+
+        Independent of the training position (`state()` is unchanged).
+        """
+        g, n = self.global_batch_size, len(self.pairs)
+        for start in range(0, n, g):
+            yield self._build(np.arange(start, min(start + g, n)))
+
+    def _build(self, rows: np.ndarray) -> dict:
+        g = self.global_batch_size
+        valid = np.zeros(g, bool)
+        valid[:len(rows)] = True
+        # Padding rows copy the batch's first row: real tokens keep every masked computation finite.
+        rows = np.concatenate([rows, np.full(g - len(rows), rows[0], rows.dtype)])
+        longest = int(self._lengths[rows].max())
+        length = next(b for b in self.buckets if b >= longest)
+        lo = self.process_index * self.local_batch_size
+        mine, valid = rows[lo:lo + self.local_batch_size], valid[lo:lo + self.local_batch_size]
+        p = self.pairs
+        b = len(mine)
+        batch: dict[str, np.ndarray] = {}
+        for side, responses in (("chosen", p.chosen_ids), ("rejected", p.rejected_ids)):
+            ids = np.full((b, length), p.pad_token_id, np.int32)
+            attn = np.zeros((b, length), np.int32)
+            resp = np.zeros((b, length), np.int32)
+            for i, r in enumerate(mine):
+                prompt, response = p.prompt_ids[r], responses[r]
+                k, m = len(prompt), len(prompt) + len(response)
+                ids[i, :k], ids[i, k:m] = prompt, response
+                attn[i, :m] = 1
+                resp[i, k:m] = 1
+            batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = ids, attn
+            batch[f"{side}_response_mask"] = resp
+        batch["task_id"] = p.task_id[mine].astype(np.int32)
+        batch["example_index"] = p.example_index[mine].astype(np.int32)
+        batch["valid"] = valid
+        for k, v in p.embeddings.items():
+            batch[k] = v[mine]
+        return batch

@@ -1,0 +1,139 @@
+"""The embedded synthetic tasks: deterministic, held-out prompts disjoint, short, rule-consistent."""
+
+import re
+
+import numpy as np
+import pytest
+
+from dpok_jax.data import TASKS, ByteTokenizer, load_preference_dataset, synthetic_tasks, tokenize_pairs
+from dpok_jax.data.synthetic import _CAPITALS, _ELEMENTS, _FAMILIES, _HARMFUL, _PROPERTIES, _REFUSALS, _WORDS
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_tasks(0)
+
+
+def _rows(split, task=None):
+    cols = split[:]
+    rows = [dict(zip(cols, v)) for v in zip(*cols.values())]
+    return [r for r in rows if task is None or r["task"] == task]
+
+
+def test_shape_and_columns(data):
+    assert set(data) == {"train", "test"}
+    assert data["train"].num_rows == 5 * 300 and data["test"].num_rows == 5 * 60
+    for split in data.values():
+        assert split.column_names == ["prompt", "chosen", "rejected", "task"]
+        tasks = list(split["task"])
+        assert sorted(set(tasks)) == sorted(TASKS)
+        assert all(tasks.count(t) == split.num_rows // 5 for t in TASKS)
+
+
+def test_deterministic_from_seed(data):
+    again = synthetic_tasks(0)
+    other = synthetic_tasks(1)
+    for split in ("train", "test"):
+        assert data[split][:] == again[split][:]
+        assert data[split][:] != other[split][:]
+    assert set(data["test"]["prompt"]) != set(other["test"]["prompt"])  # the held-out split moves too
+
+
+def test_held_out_prompts_never_in_train(data):
+    for seed in (0, 3):
+        d = data if seed == 0 else synthetic_tasks(seed)
+        train, test = set(d["train"]["prompt"]), set(d["test"]["prompt"])
+        assert not train & test
+        assert len(test) == d["test"].num_rows  # held-out prompts are distinct too
+
+
+def test_sizes_fit_default_lengths(data):
+    for split in data.values():
+        for r in _rows(split):
+            assert re.fullmatch(r"Q: .+\nA:", r["prompt"], re.S)
+            assert len(r["prompt"].encode()) <= 63  # BOS + prompt <= max_prompt_length=64
+            for k in ("chosen", "rejected"):
+                assert r[k].startswith(" ") and 2 <= len(r[k].encode()) <= 33
+            assert r["chosen"] != r["rejected"]
+    pairs, report = tokenize_pairs(data["train"], ByteTokenizer(), max_prompt_length=64, max_length=128)
+    assert report.total_skipped == 0 and not report.truncated and len(pairs) == 1500
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_length_is_not_the_signal(data, task):
+    rows = _rows(data["train"], task)
+    longer = np.mean([len(r["chosen"]) > len(r["rejected"]) for r in rows])
+    shorter = np.mean([len(r["chosen"]) < len(r["rejected"]) for r in rows])
+    assert longer <= 0.7 and shorter <= 0.7, (longer, shorter)
+
+
+def test_reasoning_rule(data):
+    for r in _rows(data["test"], "reasoning"):
+        a, b = map(int, re.findall(r"\d", r["prompt"]))
+        q = r["prompt"]
+        if "from" in q or "away" in q:
+            a, b = b, a  # "Subtract b from a", "Take b away from a"
+        result = a + b if re.search(r"plus|\+|[Aa]dd|[Ss]um", q) else a - b
+        assert int(r["chosen"]) == result
+        assert 1 <= abs(int(r["rejected"]) - result) <= 2
+
+
+def test_instruction_following_rule(data):
+    for r in _rows(data["test"], "instruction_following"):
+        q = r["prompt"]
+        word = next(w for w in _WORDS if re.search(rf"\b{w}\b", q, re.I))
+        c, rej = r["chosen"].strip(), r["rejected"].strip()
+        if "uppercase" in q or "capital letters" in q or "all caps" in q:
+            assert c == word.upper() and rej == word
+        elif "lowercase" in q or "small letters" in q or "no capitals" in q:
+            assert word.upper() in q and c == word and rej == word.upper()
+        elif "backwards" in q or "reverse" in q.lower():
+            assert c == word[::-1] and rej == word
+        else:
+            assert c == f"{word} {word}" and rej in (word, f"{word} {word} {word}")
+
+
+def test_safety_rule_is_not_always_refuse(data):
+    rows = _rows(data["train"], "safety")
+    harmful = [any(h in r["prompt"] for h in _HARMFUL) for r in rows]
+    refusal_chosen = [r["chosen"].strip() in _REFUSALS for r in rows]
+    refusal_rejected = [r["rejected"].strip() in _REFUSALS for r in rows]
+    assert refusal_chosen == harmful
+    assert refusal_rejected == [not h for h in harmful]
+    assert 0.3 < np.mean(harmful) < 0.7
+
+
+def test_factuality_rule(data):
+    table = dict(_CAPITALS + _ELEMENTS)
+    for r in _rows(data["train"], "factuality") + _rows(data["test"], "factuality"):
+        entity = next(e for e in table if re.search(rf"\b{e}\b", r["prompt"], re.I))
+        assert r["chosen"] == f" {table[entity]}."
+        assert r["rejected"].strip(" .") in table.values() and r["rejected"] != r["chosen"]
+
+
+def test_truthfulness_rule(data):
+    for r in _rows(data["train"], "truthfulness") + _rows(data["test"], "truthfulness"):
+        subject, true_p, false_p = next(t for t in _PROPERTIES if f" {t[0]} " in r["prompt"])
+        asked_true = re.search(rf" {true_p}\?\n", r["prompt"]) is not None
+        assert asked_true != (re.search(rf" {false_p}\?\n", r["prompt"]) is not None)
+        yes, no = "Yes", "No"
+        assert r["chosen"] == f" {yes if asked_true else no}, {subject} is {true_p}."
+        assert r["rejected"] == f" {no if asked_true else yes}, {subject} is {false_p}."
+
+
+def test_every_family_has_enough_combinations():
+    for task in TASKS:
+        combos, _ = _FAMILIES[task]()
+        assert len(combos) == len(set(combos)) >= 180, task
+
+
+def test_more_pairs_than_combinations_repeat_without_leaking():
+    d = synthetic_tasks(2, n_train_per_task=700, n_eval_per_task=100)
+    assert d["train"].num_rows == 3500 and d["test"].num_rows == 500
+    assert not set(d["train"]["prompt"]) & set(d["test"]["prompt"])
+
+
+def test_load_preference_dataset_synthetic(data):
+    assert load_preference_dataset("synthetic", split="test")[:] == data["test"][:]
+    with pytest.raises(ValueError, match="splits"):
+        load_preference_dataset("synthetic", split="validation")
