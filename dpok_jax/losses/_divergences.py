@@ -384,8 +384,14 @@ def _log1mexp(x: jax.Array) -> jax.Array:
 
 
 def _with_tail(logps: jax.Array) -> jax.Array:
-    """[..., k] log-probs -> [..., k+1] with the tail bucket `log(1 − Σ exp)` appended."""
-    return jnp.concatenate([logps, _log1mexp(_lse(logps))[..., None]], axis=-1)
+    """[..., k] log-probs -> [..., k+1] with the tail bucket `log(1 − Σ exp)` appended.
+
+    The tail is floored at the dtype's epsilon: a logsumexp near 0 carries ~eps absolute rounding, so a
+    smaller tail is unknowable, and a rounded-to-zero reference tail would make KL-like divergences
+    infinite against any policy tail.
+    """
+    floor = math.log(float(jnp.finfo(logps.dtype).eps))
+    return jnp.concatenate([logps, jnp.maximum(_log1mexp(_lse(logps)), floor)[..., None]], axis=-1)
 
 
 def topk_divergence(
@@ -399,7 +405,8 @@ def topk_divergence(
     f-divergence (KL, JS, H², f, and monotone transforms: Rényi, Bhattacharyya): the approximation
     under-estimates, by the divergence hidden inside the tail; it is exact when the tail holds the same
     relative distribution under both. This is what a precomputed reference allows (SPEC §6): its full
-    logits are not stored. Tail masses are computed as `log1p(−exp(logsumexp(·)))` (stable form).
+    logits are not stored. Tail masses are computed as `log1p(−exp(logsumexp(·)))` (stable form) and
+    floored at the dtype's epsilon (2^-23 in float32), below which they are rounding noise.
 
     Args:
       name: a divergence name (see :func:`divergence`), not "wasserstein".
