@@ -43,7 +43,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequen
 
     Raises ValueError (before anything compiles) when the sizes do not multiply to the device count.
 
-    >>> make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.devices()[:1]).shape
+    >>> dict(make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.devices()[:1]).shape)
     {'data': 1, 'fsdp': 1, 'tensor': 1}
     """
     devices = list(jax.devices() if devices is None else devices)
@@ -80,8 +80,8 @@ def _axis_size(mesh: Mesh, entry: Any) -> int:
 def logical_to_spec(axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
     """The PartitionSpec for a tuple of logical axis names.
 
-    >>> logical_to_spec(("vocab", "embed"))
-    PartitionSpec('tensor', 'fsdp')
+    >>> logical_to_spec(("vocab", "embed")) == PartitionSpec("tensor", "fsdp")
+    True
     """
     table = dict(rules)
     for name in axes:

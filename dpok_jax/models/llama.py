@@ -253,7 +253,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     Computed in float32 numpy with the same operation order as transformers so the rotations
     agree to the last bits.
 
-    >>> rope_inv_freq(8, 10000.0, None).round(4).tolist()
+    >>> [round(float(f), 4) for f in rope_inv_freq(8, 10000.0, None)]
     [1.0, 0.1, 0.01, 0.001]
     """
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -404,10 +404,13 @@ class Llama(nnx.Module):
     Layer parameters have a leading ``"layers"`` axis (created with `nnx.vmap`) and run under
     `jax.lax.scan`, optionally rematerialized per layer (``config.remat``).
 
-    >>> model = Llama(ModelConfig.tiny(vocab_size=64, num_layers=1), rngs=nnx.Rngs(0))
-    >>> ids = jnp.array([[5, 6, 7]], jnp.int32)
-    >>> model(ids, jnp.ones_like(ids)).shape
-    (1, 3, 64)
+    >>> model = nnx.eval_shape(lambda: Llama(ModelConfig.tiny(), rngs=nnx.Rngs(0)))  # abstract: no FLOPs
+    >>> model.layers.attn.q.shape  # [layers, embed, heads, head_dim]
+    (2, 64, 4, 16)
+    >>> graphdef, state = nnx.split(model)
+    >>> ids = jnp.zeros((1, 3), jnp.int32)
+    >>> jax.eval_shape(lambda s: nnx.merge(graphdef, s)(ids, jnp.ones_like(ids)), state).shape
+    (1, 3, 512)
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -477,3 +480,27 @@ class Llama(nnx.Module):
         if return_hidden:
             return x
         return jnp.einsum("bth,hv->btv", x, self.unembedding().astype(dt), preferred_element_type=jnp.float32)
+
+
+def init_llama(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Llama:
+    """A randomly initialized `Llama`, created inside one jitted function.
+
+    With ``mesh`` every parameter is born in its `dpok_jax.sharding` sharding (no full copy on one
+    device), and a mesh that does not divide a dimension fails before compiling. Values equal
+    ``Llama(config, rngs=nnx.Rngs(seed))`` up to float rounding of the fused sampling.
+    """
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = None
+    if mesh is not None:
+        from dpok_jax.sharding import param_shardings
+
+        shardings = param_shardings(mesh, abstract_state)
+
+    create = jax.jit(_init_state, static_argnums=0, out_shardings=shardings)
+    return nnx.merge(graphdef, create(config, jax.random.key(seed)))
+
+
+def _init_state(config: ModelConfig, key: jax.Array):
+    # Module level so repeated `init_llama` calls with one config hit JAX's compilation cache.
+    return nnx.split(Llama(config, rngs=nnx.Rngs(key)))[1]

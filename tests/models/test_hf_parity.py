@@ -1,5 +1,7 @@
 """Our Flax Llama equals transformers' PyTorch LlamaForCausalLM on the same weights (float32)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +25,15 @@ VARIANTS = {
 }
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _forward(state, ids, mask, *, graphdef):
+    return nnx.merge(graphdef, state)(ids, mask)
+
+
 def _ours(model, ids, mask):
+    """Jitted logits; left- and right-padded batches of one config share the compile."""
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, ids, mask):
-        return nnx.merge(graphdef, state)(ids, mask)
-
-    return np.asarray(forward(state, jnp.asarray(ids), jnp.asarray(mask)))
+    return np.asarray(_forward(state, jnp.asarray(ids), jnp.asarray(mask), graphdef=graphdef))
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -63,39 +66,41 @@ def test_llama3_scaling_changes_the_frequencies():
 
 
 def test_export_round_trip_loads_in_transformers(tmp_path, helpers):
-    for tied in (True, False):
-        cfg = ModelConfig.tiny(vocab_size=96, hidden_size=32, intermediate_size=64, num_heads=4,
-                               num_kv_heads=2, head_dim=8, tie_word_embeddings=tied,
-                               rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32))
-        model = Llama(cfg, rngs=nnx.Rngs(3))
-        # Non-trivial norm weights, so the export of every tensor is exercised.
-        for norm in (model.final_norm.weight, model.layers.attn_norm.weight, model.layers.mlp_norm.weight):
-            norm[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), norm.shape)
-        folder = tmp_path / f"export_{tied}"
-        save_llama(model, folder)
-        torch_model = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-        assert torch_model.config.tie_word_embeddings == tied
-        ids, mask = helpers.padded_batch(cfg.vocab_size, [12, 7], 12, left=True, seed=1)
-        ref = helpers.torch_logits(torch_model, ids, mask)
-        ours = _ours(model, ids, mask)
-        diff = np.abs(ours - ref)[mask.astype(bool)].max()
-        assert diff <= TOL, f"tied={tied}: max abs diff {diff:.2e}"
-        # And back into JAX: identical parameters.
-        again = load_llama(folder)
-        assert again.config == model.config
-        for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again))):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Same shapes as tests/models/test_llama.py, so the eager init compiles are shared.
+    cfg = ModelConfig.tiny(vocab_size=80, hidden_size=32, intermediate_size=64, num_heads=4,
+                           num_kv_heads=2, head_dim=8, tie_word_embeddings=False,
+                           rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32))
+    model = Llama(cfg, rngs=nnx.Rngs(3))
+    # Non-trivial norm weights, so the export of every tensor is exercised.
+    for norm in (model.final_norm.weight, model.layers.attn_norm.weight, model.layers.mlp_norm.weight):
+        norm[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), norm.shape)
+    save_llama(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    torch_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert not torch_model.config.tie_word_embeddings
+    assert torch_model.config.rope_parameters["rope_type"] == "llama3"
+    ids, mask = helpers.padded_batch(cfg.vocab_size, [12, 7], 12, left=True, seed=1)
+    ref = helpers.torch_logits(torch_model, ids, mask)
+    diff = np.abs(_ours(model, ids, mask) - ref)[mask.astype(bool)].max()
+    assert diff <= TOL, f"max abs diff {diff:.2e}"
+    # And back into JAX: identical parameters.
+    again = load_llama(tmp_path)
+    assert again.config == model.config
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sharded_export_writes_an_index_that_both_sides_load(tmp_path, helpers):
-    cfg = ModelConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8,
-                           tie_word_embeddings=False)
+def test_sharded_tied_export_writes_an_index_that_both_sides_load(tmp_path, helpers):
+    cfg = ModelConfig.tiny(vocab_size=80, hidden_size=32, intermediate_size=64, head_dim=8)
+    assert cfg.tie_word_embeddings
     model = Llama(cfg, rngs=nnx.Rngs(0))
     save_llama(model, tmp_path, max_shard_bytes=20_000)
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
     assert not (tmp_path / "model.safetensors").exists()
     torch_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch_model.config.tie_word_embeddings
+    assert torch_model.lm_head.weight.data_ptr() == torch_model.model.embed_tokens.weight.data_ptr()
     ids, mask = helpers.padded_batch(cfg.vocab_size, [8, 5], 8, left=False)
     diff = np.abs(_ours(load_llama(tmp_path), ids, mask) - helpers.torch_logits(torch_model, ids, mask))
     assert diff[mask.astype(bool)].max() <= TOL
