@@ -102,6 +102,8 @@ def render_conversation(prompt: Sequence[dict] | None, chosen: Sequence[dict], r
     """
     chosen = _check_messages(chosen, "chosen")
     rejected = _check_messages(rejected, "rejected")
+    if chosen == rejected:
+        raise RowError("identical_responses", "chosen and rejected are the same conversation")
     if prompt is None:
         k = 0
         while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:

@@ -186,22 +186,25 @@ def tokenize_pairs(dataset: Any, tokenizer: Any, *, max_prompt_length: int, max_
             if not p_ids:
                 skip(row, "empty_prompt", "the prompt has no tokens and the tokenizer no BOS")
                 continue
+            cut = []
             if len(p_ids) > max_prompt_length:
                 keep = max_prompt_length - 1 if bos is not None else max_prompt_length
                 p_ids = ([bos] if bos is not None else []) + list(p_ids[len(p_ids) - keep:])
-                report.add_truncated("prompt")
+                cut.append("prompt")
             room = max_length - len(p_ids)
             resp = []
             for name, r_ids in (("chosen", c_ids), ("rejected", r_ids)):
                 r_ids = list(r_ids) + [eos]
                 if len(r_ids) > room:
                     r_ids = r_ids[:room]
-                    report.add_truncated(name)
+                    cut.append(name)
                 resp.append(r_ids)
             if resp[0] == resp[1]:
                 skip(row, "identical_after_truncation", f"chosen and rejected agree on the first {room} tokens "
                                                         f"left after the {len(p_ids)}-token prompt")
                 continue
+            for name in cut:
+                report.add_truncated(name)
             j = row - start
             out["prompt"].append(np.asarray(p_ids, np.int32))
             out["chosen"].append(np.asarray(resp[0], np.int32))

@@ -87,8 +87,8 @@ class ByteTokenizer:
 def load_tokenizer(name_or_path: str | Path) -> Any:
     """``"byte"`` gives `ByteTokenizer`; anything else a `transformers.AutoTokenizer` from that path.
 
-    A path that does not exist locally is tried as a hub name (works only online); failure raises
-    `ValueError` naming it. A Hugging Face tokenizer without a pad token gets its EOS token as pad
+    A name that is not a local path and does not look like one (``org/name``) is tried as a hub name
+    (works only online); any failure raises `ValueError` naming it. A Hugging Face tokenizer without a pad token gets its EOS token as pad
     (padding is always masked out, so the choice only needs to be a valid id).
 
     >>> load_tokenizer("byte").eos_token_id
@@ -96,9 +96,13 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     """
     if str(name_or_path) == "byte":
         return ByteTokenizer()
+    path = Path(name_or_path).expanduser()
+    text = str(name_or_path)
+    if not path.exists() and (text.startswith(("/", ".", "~")) or text.count("/") > 1):
+        raise ValueError(f"cannot load a tokenizer: no such local path {text!r} (and it is not a hub name). "
+                         "Use 'byte' for the built-in byte tokenizer, or a folder with tokenizer files.")
     import transformers
 
-    path = Path(name_or_path).expanduser()
     where = f"local path {str(path)!r}" if path.exists() else \
         f"{str(name_or_path)!r} (no such local path, so it was tried as a hub name)"
     try:
