@@ -49,10 +49,10 @@ def test_topk_truncation_error_is_bounded():
     v, eps = 64, 0.05
     pl, rl, emb = _setup(1, v, 16, scale=4.0)  # peaked, as LM next-token distributions mostly are
     pl, rl, emb = jnp.asarray(pl, jnp.float32), jnp.asarray(rl, jnp.float32), jnp.asarray(emb, jnp.float32)
-    full = losses.divergence("wasserstein", pl, rl, cost_embeddings=emb, epsilon=eps, top_k=v, threshold=1e-6)
+    full = losses.divergence("wasserstein", pl, rl, cost_embeddings=emb, epsilon=eps, top_k=v, threshold=1e-4)
     p, q = jax.nn.softmax(pl, -1), jax.nn.softmax(rl, -1)
-    for k in (4, 8, 16):
-        approx = losses.divergence("wasserstein", pl, rl, cost_embeddings=emb, epsilon=eps, top_k=k, threshold=1e-6)
+    for k in (4, 16):
+        approx = losses.divergence("wasserstein", pl, rl, cost_embeddings=emb, epsilon=eps, top_k=k, threshold=1e-4)
         support = jnp.zeros_like(p, bool)
         for dist in (p, q):
             support = support | (dist >= jax.lax.top_k(dist, k)[0][..., -1:])
@@ -70,15 +70,16 @@ def test_gradients_float64_implicit_differentiation(x64):
     pl, rl, emb = _setup(2, v, 2)
     kw = dict(cost_embeddings=jnp.asarray(emb), epsilon=0.1, top_k=v, threshold=1e-12, max_iterations=20_000)
     fn = lambda a: jnp.sum(losses.divergence("wasserstein", a, jnp.asarray(rl), **kw))  # noqa: E731
-    check_grads(fn, (jnp.asarray(pl),), order=1, modes=["rev"], atol=1e-5, rtol=1e-4)
+    check_grads(jax.jit(fn), (jnp.asarray(pl),), order=1, modes=["rev"], atol=1e-5, rtol=1e-4)
 
 
 def test_debiased_is_zero_at_identity_and_positive_elsewhere():
     pl, rl, emb = _setup(3, 20, 4)
     kw = dict(cost_embeddings=jnp.asarray(emb, jnp.float32), epsilon=0.05, top_k=5, debiased=True)
-    same = losses.divergence("wasserstein", jnp.asarray(pl, jnp.float32), jnp.asarray(pl, jnp.float32), **kw)
+    div = jax.jit(lambda a, b: losses.divergence("wasserstein", a, b, **kw))  # one compile, two calls
+    same = div(jnp.asarray(pl, jnp.float32), jnp.asarray(pl, jnp.float32))
     np.testing.assert_allclose(same, 0.0, atol=1e-4)
-    other = losses.divergence("wasserstein", jnp.asarray(pl, jnp.float32), jnp.asarray(rl, jnp.float32), **kw)
+    other = div(jnp.asarray(pl, jnp.float32), jnp.asarray(rl, jnp.float32))
     assert np.all(np.asarray(other) > 1e-3)
 
 
@@ -88,8 +89,8 @@ def test_masked_tokens_batched_shapes_and_finite_gradients():
     pl = jnp.asarray(pl, jnp.float32).reshape(2, 3, v).at[..., :4].set(-jnp.inf)
     rl = jnp.asarray(rl, jnp.float32).reshape(2, 3, v).at[..., 2:6].set(-jnp.inf)
     kw = dict(cost_embeddings=jnp.asarray(emb, jnp.float32), epsilon=0.1, top_k=6)  # top-6 of p reaches zeros
-    val, g = jax.value_and_grad(lambda a: jnp.sum(losses.divergence("wasserstein", a, rl, **kw)))(pl)
-    assert losses.divergence("wasserstein", pl, rl, **kw).shape == (2, 3)
-    assert np.isfinite(val) and np.all(np.isfinite(g))
-    ident = jax.grad(lambda a: jnp.sum(losses.divergence("wasserstein", a, a, **kw)))(pl)  # p = q
-    assert np.all(np.isfinite(ident))
+    vg = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(losses.divergence("wasserstein", a, b, **kw))))
+    assert jax.eval_shape(lambda a, b: losses.divergence("wasserstein", a, b, **kw), pl, rl).shape == (2, 3)
+    for b in (rl, pl):  # masked supports; then p = q
+        val, g = vg(pl, b)
+        assert np.isfinite(val) and np.all(np.isfinite(g))
