@@ -30,6 +30,15 @@ def export_run(run_dir: Path, out: Path) -> Path:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     manager.close()
-    nnx.replace_by_pure_dict(params, restored["state"]["params"]["policy"])
+    nnx.replace_by_pure_dict(params, _unwrap_values(restored["state"]["params"]["policy"]))
     save_llama(nnx.merge(graphdef, params, rest), out)
     return out
+
+
+def _unwrap_values(tree):
+    """Target-free restores keep NNX variables as `{"value": array}`; the pure dict has arrays."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: _unwrap_values(v) for k, v in tree.items()}
+    return tree

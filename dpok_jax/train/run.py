@@ -75,14 +75,26 @@ def _load_data(cfg: config_lib.Config, tokenizer, run_dir: Path):
     else:
         train_ds = data_lib.load_preference_dataset(d.source, split=d.train_split, format=d.format,
                                                     tokenizer=tokenizer)
-        eval_ds = data_lib.load_preference_dataset(d.eval_source or d.source, split=d.eval_split,
-                                                   format=d.format, tokenizer=tokenizer)
+        if d.eval_source is None and Path(d.source).is_file():
+            # One file holds one split: hold out a deterministic slice for evaluation.
+            held_out = max(1, min(1000, len(train_ds) // 20))
+            split = train_ds.train_test_split(test_size=held_out, seed=d.seed, shuffle=True)
+            train_ds, eval_ds = split["train"], split["test"]
+            print(f"data.source is a single file: {held_out} rows held out for evaluation "
+                  "(set data.eval_source to use a separate file).", flush=True)
+        else:
+            eval_ds = data_lib.load_preference_dataset(d.eval_source or d.source,
+                                                       split=d.eval_split, format=d.format,
+                                                       tokenizer=tokenizer)
     if d.max_eval_examples is not None and len(eval_ds) > d.max_eval_examples:
         eval_ds = eval_ds.select(range(d.max_eval_examples))
     out = []
+    task_names = None
     for name, ds in (("train", train_ds), ("eval", eval_ds)):
         pairs, report = data_lib.tokenize_pairs(ds, tokenizer, max_prompt_length=d.max_prompt_length,
-                                                max_length=d.max_length, strict=d.strict)
+                                                max_length=d.max_length, strict=d.strict,
+                                                task_names=task_names)
+        task_names = list(pairs.task_names)
         if jax.process_index() == 0:
             report.save(run_dir / f"bad_rows_{name}.json")
         if report.total_skipped:
@@ -104,9 +116,12 @@ def _build_model(cfg: config_lib.Config, tokenizer, mesh):
     if constructor is None:
         raise ValueError(f"config model.preset={m.preset!r}: unknown (tiny, smollm2_135m, "
                          "llama3_2_1b, llama3_1_8b)")
-    vocab = int(tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else len(tokenizer))
-    model_cfg = constructor(vocab_size=max(vocab, len(tokenizer) if hasattr(tokenizer, "__len__") else 0),
-                            dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **overrides)
+    vocab = max(int(getattr(tokenizer, "vocab_size", 0)), len(tokenizer))
+    # Padded to a multiple of 64 so the vocabulary axis divides over tensor-parallel meshes; the
+    # extra ids never occur as labels.
+    vocab = -(-vocab // 64) * 64
+    model_cfg = constructor(vocab_size=vocab, dtype=m.dtype, param_dtype=m.param_dtype,
+                            remat=m.remat, **overrides)
     return Llama(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
 
 
@@ -228,17 +243,11 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop
         weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1, b2=cfg.optim.b2,
         clip_norm=cfg.optim.clip_norm)
     ref_params = p.init_params
-    params = {"policy": tree_copy(p.init_params), "kernel": jax.tree.map(np.asarray, kernel_init)}
-    state = jax.jit(lambda prm: init_train_state(prm, tx, cfg.train.seed))(params)
-    state = jax.device_put(state, _state_shardings(state, p.mesh))
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state, train_step = compile_train_step(p, spec, kernel_params, tx, kernel_init)
 
     cache = None
     if spec.reference == "precomputed":
         cache = reference_lib.precomputed_reference(p, spec, ref_params, run_dir)
-    train_step = jax.jit(make_train_step(p.fns, spec, kernel_params, tx),
-                         in_shardings=(state_shardings, p.param_shardings, None),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(p.fns, spec, kernel_params))
     batcher = _batcher(p.train_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
     eval_batcher = _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
@@ -267,6 +276,20 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop
             result.state.params["kernel"])
         result.eval_metrics.update({f"{spec.kernel}/{k}": float(v) for k, v in weights.items()})
     return result
+
+
+def compile_train_step(p: Prepared, spec: StepSpec, kernel_params, tx, kernel_init=None):
+    """The initial state placed on the mesh, and the train step jitted with explicit in/out
+    shardings (the same before and after a step, so it never retraces) and a donated state."""
+    params = {"policy": tree_copy(p.init_params),
+              "kernel": jax.tree.map(np.asarray, kernel_init or {})}
+    state = jax.jit(lambda prm: init_train_state(prm, tx, p.cfg.train.seed))(params)
+    state = jax.device_put(state, _state_shardings(state, p.mesh))
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    train_step = jax.jit(make_train_step(p.fns, spec, kernel_params, tx),
+                         in_shardings=(state_shardings, p.param_shardings, p.batch_sharding),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    return state, train_step
 
 
 def _state_shardings(state, mesh):

@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: a short run, resume exactness, sharding, retracing, divergence."""
 
 import json
+from unittest import mock
 from pathlib import Path
 
 import chex
@@ -13,7 +14,7 @@ from dpok_jax.data import TASKS
 from dpok_jax.train import run as run_lib
 from dpok_jax.train.loop import TrainingDiverged, to_global
 from dpok_jax.train.metrics_log import read_metrics
-from dpok_jax.train.state import init_train_state, make_optimizer
+from dpok_jax.train.state import make_optimizer
 from dpok_jax.train.step import make_train_step
 
 SMALL = [
@@ -89,9 +90,9 @@ def _one_step(cfg, devices, batch_np):
     spec = run_lib.step_spec(cfg)
     tx = make_optimizer(learning_rate=1e-3, kernel_learning_rate=1e-2, warmup_steps=0,
                         total_steps=10, weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=1.0)
-    params = {"policy": run_lib.tree_copy(p.init_params), "kernel": {}}
-    state = init_train_state(params, tx, 0)
-    step = jax.jit(chex.assert_max_traces(make_train_step(p.fns, spec, None, tx), n=1))
+    with mock.patch.object(run_lib, "make_train_step",
+                           lambda *a: chex.assert_max_traces(make_train_step(*a), n=1)):
+        state, step = run_lib.compile_train_step(p, spec, None, tx)
     batch = to_global(batch_np, p.batch_sharding)
     state, metrics = step(state, p.init_params, batch)
     state, metrics2 = step(state, p.init_params, batch)  # same shapes: must not retrace
@@ -99,18 +100,22 @@ def _one_step(cfg, devices, batch_np):
 
 
 def test_sharded_step_equals_single_device_and_no_retrace(tmp_path):
-    cfg = _cfg(tmp_path, "train.steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    p1 = run_lib.prepare(_cfg(tmp_path), devices=jax.devices()[:1])
+    kv = "model.num_kv_heads=2"  # divisible by tensor=2
+    cfg = _cfg(tmp_path, kv, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    p1 = run_lib.prepare(_cfg(tmp_path, kv), devices=jax.devices()[:1])
     batch_np = next(run_lib._batcher(p1.train_pairs, p1.cfg, 8, 0))
     chex.clear_trace_counter()
-    _, single, m1, m1b = _one_step(_cfg(tmp_path), jax.devices()[:1], batch_np)
+    _, single, m1, m1b = _one_step(_cfg(tmp_path, kv), jax.devices()[:1], batch_np)
     chex.clear_trace_counter()
     p8, sharded, m8, m8b = _one_step(cfg, jax.devices()[:8], batch_np)
     assert p8.mesh.devices.size == 8
     for a, b in ((m1, m8), (m1b, m8b)):
         np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(float(a["grad_norm"]), float(b["grad_norm"]), rtol=1e-5)
+    # Adam's update m/sqrt(v) is sign-like where gradients are ~0, so reduction-order noise there
+    # moves a parameter by a fraction of one step (lr = 1e-3): allow a tenth of a step.
     for x, y in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4)
     sharded_leaves = [x for x in jax.tree.leaves(sharded.params["policy"])
                       if len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated]
     assert sharded_leaves, "no parameter is actually sharded over the 8-device mesh"
