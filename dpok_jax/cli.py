@@ -15,9 +15,10 @@ def _train(args: argparse.Namespace) -> int:
     from dpok_jax.config import load_config
 
     config_path = args.config
-    if config_path is None and not args.overrides:
+    if config_path is None:
+        # Overrides without --config apply on top of the embedded default.
         config_path = default_config_path()
-        print(f"No config given: the embedded default ({config_path.name}).", flush=True)
+        print(f"No --config: the embedded default ({config_path}).", flush=True)
     cfg = load_config(config_path, args.overrides)  # bad config fails before JAX starts
     from dpok_jax.train.loop import TrainingDiverged
     from dpok_jax.train.run import run
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpok", description="DPO-Kernels training in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a policy (no arguments: the embedded default)")
-    train.add_argument("--config", type=Path, default=None, help="YAML file of overrides")
+    train.add_argument("--config", type=Path, default=None,
+                       help="YAML file of differences from the defaults (default: the embedded "
+                            "tiny-CPU default)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.beta=0.2")
     train.set_defaults(func=_train)
     export = sub.add_parser("export", help="export a run's policy as a Hugging Face checkpoint")

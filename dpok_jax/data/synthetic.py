@@ -36,6 +36,8 @@ _CAPITALS = [
     ("China", "Beijing"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
     ("Sweden", "Stockholm"), ("Turkey", "Ankara"),
 ]
+_N_CAPITALS = 8  # the fact table used; the rest of the list supplies nothing
+_N_ELEMENTS = 6
 _CAPITAL_TEMPLATES = [
     "What is the capital of {x}?", "Name the capital city of {x}.", "Which city is the capital of {x}?",
     "{x} has its capital in which city?", "Tell me the capital of {x}.", "The capital of {x} is what?",
@@ -96,12 +98,15 @@ def _other(rng: np.random.Generator, values: list, right) -> object:
 
 
 def _factuality() -> tuple[list, Callable]:
-    combos = [("capital", t, i) for i in range(len(_CAPITALS)) for t in range(len(_CAPITAL_TEMPLATES))]
-    combos += [("element", t, i) for i in range(len(_ELEMENTS)) for t in range(len(_ELEMENT_TEMPLATES))]
+    # A small fact table, each fact asked through many wordings: held-out prompts are new wordings
+    # of facts a tiny CPU model can see often enough in a few hundred steps.
+    combos = [("capital", t, i) for i in range(_N_CAPITALS) for t in range(len(_CAPITAL_TEMPLATES))]
+    combos += [("element", t, i) for i in range(_N_ELEMENTS) for t in range(len(_ELEMENT_TEMPLATES))]
 
     def pair(combo, rng):
         kind, t, i = combo
-        table, templates = (_CAPITALS, _CAPITAL_TEMPLATES) if kind == "capital" else (_ELEMENTS, _ELEMENT_TEMPLATES)
+        table, templates = ((_CAPITALS[:_N_CAPITALS], _CAPITAL_TEMPLATES) if kind == "capital"
+                            else (_ELEMENTS[:_N_ELEMENTS], _ELEMENT_TEMPLATES))
         entity, value = table[i]
         q = templates[t].format(x=entity)
         return q[0].upper() + q[1:], f"{value}.", f"{_other(rng, [v for _, v in table], value)}."
@@ -110,8 +115,9 @@ def _factuality() -> tuple[list, Callable]:
 
 
 def _reasoning() -> tuple[list, Callable]:
-    adds = [("+", a, b) for a in range(1, 9) for b in range(1, 10 - a)]  # results 2..9: one digit
-    subs = [("-", a, b) for a in range(2, 10) for b in range(1, a)]  # results 1..8
+    # Small operands (sums 2..8, differences 1..4): few enough problems to recur under many wordings.
+    adds = [("+", a, b) for a in range(1, 5) for b in range(1, 5)]
+    subs = [("-", a, b) for a in range(2, 6) for b in range(1, a)]
     combos = [(op, a, b, t) for op, a, b in adds + subs for t in range(len(_ADD_TEMPLATES))]
 
     def pair(combo, rng):
@@ -187,7 +193,7 @@ def _cycle(rng: np.random.Generator, combos: list, n: int) -> list:
     return out[:n]
 
 
-def synthetic_tasks(seed: int = 0, *, n_train_per_task: int = 300, n_eval_per_task: int = 60
+def synthetic_tasks(seed: int = 0, *, n_train_per_task: int = 300, n_eval_per_task: int = 30
                     ) -> datasets.DatasetDict:
     """The five synthetic preference tasks, splits ``"train"`` and ``"test"``, from `seed` alone.
 

@@ -21,7 +21,7 @@ from flax import nnx
 from dpok_jax import config as config_lib
 from dpok_jax import data as data_lib
 from dpok_jax import losses, sharding
-from dpok_jax.models import Llama, ModelConfig, load_llama
+from dpok_jax.models import ModelConfig, init_llama, load_llama
 from dpok_jax.train import reference as reference_lib
 from dpok_jax.train.checkpoint import RunCheckpoints
 from dpok_jax.train.loop import LoopResult, batch_sharding_for, run_loop, to_global, tree_copy
@@ -108,7 +108,7 @@ def _load_data(cfg: config_lib.Config, tokenizer, run_dir: Path):
 def _build_model(cfg: config_lib.Config, tokenizer, mesh):
     m = cfg.model
     if m.path is not None:
-        return load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
+        return load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
     overrides = {k: v for k, v in dataclasses.asdict(m).items()
                  if k in {"hidden_size", "intermediate_size", "num_layers", "num_heads",
                           "num_kv_heads", "head_dim"} and v is not None}
@@ -122,7 +122,7 @@ def _build_model(cfg: config_lib.Config, tokenizer, mesh):
     vocab = -(-vocab // 64) * 64
     model_cfg = constructor(vocab_size=vocab, dtype=m.dtype, param_dtype=m.param_dtype,
                             remat=m.remat, **overrides)
-    return Llama(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+    return init_llama(model_cfg, seed=cfg.train.seed, mesh=mesh)
 
 
 def prepare(cfg: config_lib.Config, *, devices=None) -> Prepared:
