@@ -110,6 +110,9 @@ class SFTSection:
     steps: int = 0
     learning_rate: float = 3e-3
     batch_size: int = 32
+    # "chosen": the usual recipe (the reference imitates preferred responses); "both": a reference
+    # that knows the format but prefers neither response.
+    responses: str = "chosen"
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ def validate(cfg: Config) -> Config:
     _check_choice(cfg.loss.embeddings, EMBEDDINGS, "loss.embeddings")
     _check_choice(cfg.loss.logp_reduction, ("sum", "mean"), "loss.logp_reduction")
     _check_choice(cfg.reference.mode, ("live", "precomputed"), "reference.mode")
+    _check_choice(cfg.sft.responses, ("chosen", "both"), "sft.responses")
     positive = {
         "loss.beta": cfg.loss.beta,
         "train.batch_size": cfg.train.batch_size,

@@ -160,7 +160,7 @@ def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int):
 
 
 def sft_warmup(p: Prepared):
-    """Supervised warm-up on both responses; saved to RUN_DIR/reference so a resume reuses it."""
+    """Supervised warm-up (`sft.responses`); saved to RUN_DIR/reference so a resume reuses it."""
     cfg = p.cfg
     ref_dir = Path(cfg.run_dir).absolute() / "reference"
     ckpt = RunCheckpoints(ref_dir, keep=1, async_save=False)
@@ -174,7 +174,8 @@ def sft_warmup(p: Prepared):
                         weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=cfg.optim.clip_norm)
     wrapped = {"policy": p.init_params, "kernel": {}}
     opt_state = tx.init(wrapped)
-    jitted = jax.jit(_sft_over_wrapped(p.fns, tx, cfg.loss.chunk_size), donate_argnums=(0, 1))
+    jitted = jax.jit(_sft_over_wrapped(p.fns, tx, cfg.loss.chunk_size, cfg.sft.responses),
+                     donate_argnums=(0, 1))
     batcher = _batcher(p.train_pairs, cfg, cfg.sft.batch_size, cfg.train.seed + 1)
     from tqdm.auto import tqdm
 
@@ -192,9 +193,9 @@ def sft_warmup(p: Prepared):
     return params["policy"]
 
 
-def _sft_over_wrapped(fns: ModelFns, tx, chunk_size: int):
+def _sft_over_wrapped(fns: ModelFns, tx, chunk_size: int, responses: str):
     """The SFT step on the `{"policy", "kernel"}` tree the shared optimizer factory expects."""
-    inner = make_sft_step(fns, _PolicyOnly(tx), chunk_size)
+    inner = make_sft_step(fns, _PolicyOnly(tx), chunk_size, responses=responses)
 
     def step(params, opt_state, batch):
         policy, opt_state, loss = inner(params["policy"], opt_state, batch)

@@ -256,13 +256,17 @@ def make_eval_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) ->
     return eval_step
 
 
-def make_sft_step(fns: ModelFns, tx, chunk_size: int) -> Callable:
-    """`sft_step(params, opt_state, batch) -> (params, opt_state, loss)`: token-mean NLL of both
-    responses, which turns a fresh model into a reference that knows the format but prefers neither
-    response (the preference is left for DPO to learn)."""
+def make_sft_step(fns: ModelFns, tx, chunk_size: int, *, responses: str = "chosen") -> Callable:
+    """`sft_step(params, opt_state, batch) -> (params, opt_state, loss)`: token-mean NLL of the
+    chosen responses (the usual SFT-then-DPO recipe), or with `responses="both"` of both responses
+    (a reference that knows the format but prefers neither)."""
 
     def loss_fn(params, batch):
-        ids, attn, resp = _pair_arrays(batch)
+        if responses == "chosen":
+            ids, attn, resp = (batch[f"chosen_{k}"] for k in
+                               ("input_ids", "attention_mask", "response_mask"))
+        else:
+            ids, attn, resp = _pair_arrays(batch)
         hidden, unembed = fns.hidden(params, ids, attn)
         tok = losses.chunked_token_logps(hidden[:, :-1], unembed, ids[:, 1:], chunk_size=chunk_size)
         mask = resp[:, 1:].astype(jnp.float32)
