@@ -31,7 +31,7 @@ VARIANTS = {
     "wasserstein penalty": dict(alpha=0.1, divergence="wasserstein"),
 }
 BASE = ["data.synthetic_train_per_task=64", "data.synthetic_eval_per_task=8", "train.progress=false",
-        "data.buckets=[128]"]
+        "data.buckets=[128]", "reference.mode=live"]
 
 
 def main() -> None:

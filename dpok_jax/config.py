@@ -200,6 +200,10 @@ def validate(cfg: Config) -> Config:
         raise ValueError("config loss.gamma > 0 needs a loss.kernel (e.g. hmk)")
     if cfg.loss.alpha > 0 and cfg.loss.divergence == "none":
         raise ValueError("config loss.alpha > 0 needs a loss.divergence (e.g. kl)")
+    if cfg.loss.divergence == "wasserstein" and cfg.loss.alpha > 0 \
+            and cfg.reference.mode == "precomputed":
+        raise ValueError("config loss.divergence=wasserstein needs reference.mode=live (a precomputed "
+                         "reference stores only top-k log-probs, not the full distribution)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ValueError(
             f"config data.max_prompt_length={cfg.data.max_prompt_length} must be smaller than "

@@ -100,6 +100,10 @@ class ModelFns:
         model = nnx.merge(self.graphdef, params, self.rest)
         return model(ids, attn, return_hidden=True), model.unembedding()
 
+    def input_embeddings(self, params: Any) -> jax.Array:
+        """Token embedding rows [V, H] (the Wasserstein ground cost's coordinates)."""
+        return nnx.merge(self.graphdef, params, self.rest).input_embeddings()
+
 
 def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     """Shared by train and eval: per-sequence log-probs, embeddings and divergences."""
@@ -108,6 +112,10 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     hidden, unembed = fns.hidden(trainable["policy"], ids, attn)
     div_kwargs = dict(spec.divergence_params)
     divergence = spec.divergence if spec.uses_divergence else None
+    if divergence == "wasserstein":
+        # SPEC §6: cosine cost between the tokens' input-embedding rows, held fixed (stop-gradient).
+        div_kwargs["cost_embeddings"] = jax.lax.stop_gradient(
+            fns.input_embeddings(trainable["policy"]).astype(jnp.float32))
     ref_hidden = None
     if spec.reference == "live":
         ref_hidden, ref_unembed = jax.lax.stop_gradient(fns.hidden(ref_params, ids, attn))

@@ -153,3 +153,15 @@ def test_precomputed_reference_matches_live(tmp_path, extra):
     for key in ("logps/chosen", "rewards/margins", "embedding/score"):
         np.testing.assert_allclose(pre[key], live[key], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pre["loss"], live["loss"], rtol=1e-3 if extra else 1e-5)
+
+
+def test_wasserstein_penalty_trains_with_live_reference(tmp_path):
+    cfg = _cfg(tmp_path / "w", "train.steps=2", "train.eval_every=0", "loss.alpha=0.1",
+               "loss.divergence=wasserstein", "loss.wasserstein_top_k=4")
+    run_lib.run(cfg, devices=jax.devices()[:1])
+    rows = read_metrics(cfg.run_dir, "train")
+    assert len(rows) == 2 and all(np.isfinite(r["divergence/wasserstein"]) for r in rows)
+    assert rows[0]["divergence/wasserstein"] >= 0.0
+    with pytest.raises(ValueError, match="reference.mode=live"):
+        _cfg(tmp_path / "w2", "loss.alpha=0.1", "loss.divergence=wasserstein",
+             "reference.mode=precomputed")
