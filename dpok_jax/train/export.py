@@ -13,7 +13,7 @@ from dpok_jax.config import load_config
 def export_run(run_dir: Path, out: Path) -> Path:
     from dpok_jax import data as data_lib
     from dpok_jax.models import save_llama
-    from dpok_jax.train.run import _build_model
+    from dpok_jax.train.run import _build_model, tokenizer_source
 
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -24,9 +24,7 @@ def export_run(run_dir: Path, out: Path) -> Path:
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    tok_name = cfg.data.tokenizer if cfg.data.tokenizer != "byte" or cfg.model.path is None \
-        else cfg.model.path
-    model = _build_model(cfg, data_lib.load_tokenizer(tok_name), None)
+    model = _build_model(cfg, data_lib.load_tokenizer(tokenizer_source(cfg)), None)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     manager.close()

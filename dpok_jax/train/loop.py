@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from dpok_jax.evaluation.preference import scores_by_task
 from dpok_jax.train.checkpoint import RunCheckpoints
@@ -74,10 +74,6 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
         value = np.asarray(value)
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
-
-
-def batch_sharding_for(mesh, batch_axes: tuple[str, ...]) -> NamedSharding:
-    return NamedSharding(mesh, P(batch_axes))
 
 
 def evaluate(eval_step: Callable, params, ref_params, batches, sharding, task_names) -> dict:

@@ -24,11 +24,9 @@ from dpok_jax import losses, sharding
 from dpok_jax.models import ModelConfig, init_llama, load_llama
 from dpok_jax.train import reference as reference_lib
 from dpok_jax.train.checkpoint import RunCheckpoints
-from dpok_jax.train.loop import LoopResult, batch_sharding_for, run_loop, to_global, tree_copy
+from dpok_jax.train.loop import LoopResult, run_loop, to_global, tree_copy
 from dpok_jax.train.state import init_train_state, make_optimizer
 from dpok_jax.train.step import ModelFns, StepSpec, make_eval_step, make_sft_step, make_train_step
-
-BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass
@@ -105,6 +103,13 @@ def _load_data(cfg: config_lib.Config, tokenizer, run_dir: Path):
     return out
 
 
+def tokenizer_source(cfg: config_lib.Config) -> str:
+    """`data.tokenizer`, except that the default "byte" gives way to a checkpoint's own tokenizer."""
+    if cfg.data.tokenizer == "byte" and cfg.model.path is not None:
+        return cfg.model.path
+    return cfg.data.tokenizer
+
+
 def _build_model(cfg: config_lib.Config, tokenizer, mesh):
     m = cfg.model
     if m.path is not None:
@@ -135,9 +140,7 @@ def prepare(cfg: config_lib.Config, *, devices=None) -> Prepared:
         raise ValueError(
             f"config train.batch_size={cfg.train.batch_size} must be divisible by the batch devices "
             f"(mesh data x fsdp = {n_batch_devices}) times optim.grad_accum={cfg.optim.grad_accum}")
-    tok_name = cfg.data.tokenizer if cfg.data.tokenizer != "byte" or cfg.model.path is None \
-        else cfg.model.path
-    tokenizer = data_lib.load_tokenizer(tok_name)
+    tokenizer = data_lib.load_tokenizer(tokenizer_source(cfg))
     train_pairs, eval_pairs = _load_data(cfg, tokenizer, run_dir)
     model = _build_model(cfg, tokenizer, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -147,7 +150,7 @@ def prepare(cfg: config_lib.Config, *, devices=None) -> Prepared:
     prepared = Prepared(cfg=cfg, mesh=mesh, tokenizer=tokenizer, train_pairs=train_pairs,
                         eval_pairs=eval_pairs, task_names=list(train_pairs.task_names), fns=fns,
                         init_params=params, param_shardings=shardings,
-                        batch_sharding=batch_sharding_for(mesh, BATCH_AXES))
+                        batch_sharding=sharding.batch_sharding(mesh))
     if cfg.sft.steps > 0:
         prepared.init_params = sft_warmup(prepared)
     return prepared

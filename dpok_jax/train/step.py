@@ -225,17 +225,12 @@ def make_train_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None, t
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads),
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        skipped=1.0 - opt_state.last_finite.astype(jnp.float32))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step
-
-
-def _global_norm(tree) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def make_eval_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) -> Callable:

@@ -157,33 +157,32 @@ _row = st.lists(
 _JITTED = {}
 
 
-def _all_finite(cases):
-    """One jitted function: per case, are value and both gradients finite? (one compile per case list)"""
-    key = tuple((n, tuple(sorted((k, id(v) if callable(v) else v) for k, v in p.items()))) for n, p in cases)
+def _jitted_flags(tag, cases, ok):
+    """One jitted function: per case, does `ok(value, grad_a, grad_b)` hold? (one compile per list)"""
+    key = (tag,) + tuple((n, tuple(sorted((k, id(v) if callable(v) else v) for k, v in p.items())))
+                         for n, p in cases)
     if key not in _JITTED:
         def flags(a, b):
             out = []
             for name, params in cases:
                 fn = lambda x, y: jnp.sum(losses.divergence(name, x, y, **params))  # noqa: E731
                 val, (ga, gb) = jax.value_and_grad(fn, argnums=(0, 1))(a, b)
-                out.append(jnp.isfinite(val) & jnp.all(jnp.isfinite(ga)) & jnp.all(jnp.isfinite(gb)))
+                out.append(ok(val, ga, gb))
             return jnp.stack(out)
         _JITTED[key] = jax.jit(flags)
     return _JITTED[key]
+
+
+def _all_finite(cases):
+    """Value and both gradients finite."""
+    return _jitted_flags("finite", cases, lambda val, ga, gb: (
+        jnp.isfinite(val) & jnp.all(jnp.isfinite(ga)) & jnp.all(jnp.isfinite(gb))))
 
 
 def _no_nan(cases):
-    key = ("no_nan",) + tuple((n, tuple(sorted(p.items()))) for n, p in cases)
-    if key not in _JITTED:
-        def flags(a, b):
-            out = []
-            for name, params in cases:
-                fn = lambda x, y: jnp.sum(losses.divergence(name, x, y, **params))  # noqa: E731
-                val, (ga, gb) = jax.value_and_grad(fn, argnums=(0, 1))(a, b)
-                out.append(~jnp.isnan(val) & (val >= -1e-6) & ~jnp.any(jnp.isnan(ga)) & ~jnp.any(jnp.isnan(gb)))
-            return jnp.stack(out)
-        _JITTED[key] = jax.jit(flags)
-    return _JITTED[key]
+    """No NaN anywhere and a non-negative value (+inf allowed)."""
+    return _jitted_flags("no_nan", cases, lambda val, ga, gb: (
+        ~jnp.isnan(val) & (val >= -1e-6) & ~jnp.any(jnp.isnan(ga)) & ~jnp.any(jnp.isnan(gb))))
 
 
 @settings(max_examples=25, deadline=None)
