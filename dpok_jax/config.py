@@ -56,7 +56,7 @@ class DataSection:
     strict: bool = False
     seed: int = 0
     synthetic_train_per_task: int = 300
-    synthetic_eval_per_task: int = 30
+    synthetic_eval_per_task: int = 60
     max_eval_examples: Optional[int] = None
 
 

@@ -22,6 +22,7 @@ from dpok_jax.losses._kernels import (
 from dpok_jax.losses._logprobs import (
     chunked_logps_and_divergence,
     chunked_token_logps,
+    masked_divergence,
     sequence_logps,
     token_logps,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "init_hmk_params",
     "init_mixture_params",
     "kernel_log",
+    "masked_divergence",
     "mixture_entropy",
     "mixture_log",
     "mixture_weights",

@@ -80,6 +80,9 @@ def pooled_embeddings(hidden: jax.Array, attn: jax.Array, resp: jax.Array) -> tu
     return e_x, e_y[:b], e_y[b:]
 
 
+_DIVERGENCE_BLOCK = 128  # response positions per block of the masked Wasserstein computation
+
+
 def _sequence_reduce(token_logps: jax.Array, mask: jax.Array, reduction: str) -> jax.Array:
     m = mask.astype(jnp.float32)
     total = jnp.sum(token_logps * m, axis=-1)
@@ -119,10 +122,18 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     ref_hidden = None
     if spec.reference == "live":
         ref_hidden, ref_unembed = jax.lax.stop_gradient(fns.hidden(ref_params, ids, attn))
+        # The Wasserstein penalty solves one OT problem per position: only the response positions
+        # (where it is averaged) are solved, compacted into blocks. Cheap divergences stay fused
+        # into the chunked head.
+        fused = None if divergence == "wasserstein" else divergence
         pol_tok, ref_tok, div = losses.chunked_logps_and_divergence(
             hidden[:, :-1], unembed, labels, ref_hidden=ref_hidden[:, :-1], ref_unembed=ref_unembed,
-            divergence=divergence, chunk_size=spec.chunk_size, **div_kwargs,
+            divergence=fused, chunk_size=spec.chunk_size, **(div_kwargs if fused else {}),
         )
+        if divergence == "wasserstein":
+            div = losses.masked_divergence(
+                divergence, hidden[:, :-1], unembed, ref_hidden[:, :-1], ref_unembed, mask,
+                block_size=_DIVERGENCE_BLOCK, **div_kwargs)
         ref_seq = _sequence_reduce(ref_tok, mask, spec.logp_reduction)
     else:
         ref_topk = None

@@ -22,7 +22,7 @@ def _rows(split, task=None):
 
 def test_shape_and_columns(data):
     assert set(data) == {"train", "test"}
-    assert data["train"].num_rows == 5 * 300 and data["test"].num_rows == 5 * 30
+    assert data["train"].num_rows == 5 * 300 and data["test"].num_rows == 5 * 60
     for split in data.values():
         assert split.column_names == ["prompt", "chosen", "rejected", "task"]
         tasks = list(split["task"])
@@ -51,12 +51,24 @@ def test_sizes_fit_default_lengths(data):
     for split in data.values():
         for r in _rows(split):
             assert re.fullmatch(r"Q: .+\nA:", r["prompt"], re.S)
-            assert len(r["prompt"].encode()) <= 63  # BOS + prompt <= max_prompt_length=64
             for k in ("chosen", "rejected"):
-                assert r[k].startswith(" ") and 2 <= len(r[k].encode()) <= 33
+                assert r[k].startswith(" ") and len(r[k].encode()) >= 2
             assert r["chosen"] != r["rejected"]
-    pairs, report = tokenize_pairs(data["train"], ByteTokenizer(), max_prompt_length=64, max_length=128)
+    pairs, report = tokenize_pairs(data["train"], ByteTokenizer(), max_prompt_length=56, max_length=64)
     assert report.total_skipped == 0 and not report.truncated and len(pairs) == 1500
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_combination_fits_one_64_token_bucket(task):
+    """Not just the sampled rows: every prompt combination, with its longest possible response."""
+    combos, pair = _FAMILIES[task]()
+    rng = np.random.default_rng(0)
+    for combo in combos:
+        for _ in range(3):  # distractors are drawn at random
+            q, chosen, rejected = pair(combo, rng)
+            prompt = len(f"Q: {q}\nA:".encode()) + 1  # + BOS
+            assert prompt <= 56, (task, q)
+            assert prompt + max(len(chosen), len(rejected)) + 1 + 1 <= 64, (task, q, chosen, rejected)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -68,14 +80,13 @@ def test_length_is_not_the_signal(data, task):
 
 
 def test_reasoning_rule(data):
-    for r in _rows(data["test"], "reasoning"):
+    for r in _rows(data["train"], "reasoning") + _rows(data["test"], "reasoning"):
         a, b = map(int, re.findall(r"\d", r["prompt"]))
-        q = r["prompt"]
-        if "from" in q or "away" in q:
-            a, b = b, a  # "Subtract b from a", "Take b away from a"
-        result = a + b if re.search(r"plus|\+|[Aa]dd|[Ss]um", q) else a - b
-        assert int(r["chosen"]) == result
-        assert 1 <= abs(int(r["rejected"]) - result) <= 2
+        assert a != b
+        larger = re.search(r"larger|bigger|Max", r["prompt"]) is not None
+        assert larger != (re.search(r"smaller|less|Min", r["prompt"]) is not None)
+        assert int(r["chosen"]) == (max(a, b) if larger else min(a, b))
+        assert int(r["rejected"]) == (min(a, b) if larger else max(a, b))
 
 
 def test_instruction_following_rule(data):
@@ -106,9 +117,13 @@ def test_safety_rule_is_not_always_refuse(data):
 def test_factuality_rule(data):
     table = dict(_CAPITALS + _ELEMENTS)
     for r in _rows(data["train"], "factuality") + _rows(data["test"], "factuality"):
-        entity = next(e for e in table if re.search(rf"\b{e}\b", r["prompt"], re.I))
-        assert r["chosen"] == f" {table[entity]}."
-        assert r["rejected"].strip(" .") in table.values() and r["rejected"] != r["chosen"]
+        m = re.fullmatch(r"Q: (\w+): (\w+)\. (\w+): (\w+)\. (\w+)'s (capital|symbol)\?\nA:", r["prompt"])
+        assert m, r["prompt"]
+        x1, v1, x2, v2, asked, _ = m.groups()
+        assert table[x1] == v1 and table[x2] == v2 and x1 != x2 and asked in (x1, x2)
+        # chosen: the stated value of the entity asked; rejected: the other stated value
+        assert r["chosen"] == f" {table[asked]}"
+        assert r["rejected"] == f" {v2 if asked == x1 else v1}"
 
 
 def test_truthfulness_rule(data):
@@ -124,8 +139,8 @@ def test_truthfulness_rule(data):
 def test_every_family_has_enough_combinations():
     for task in TASKS:
         combos, _ = _FAMILIES[task]()
-        # A third of them (the held-out pool) covers the default 30 distinct held-out prompts.
-        assert len(combos) == len(set(combos)) >= 3 * 30, task
+        # A third of them (the held-out pool) covers the default 60 distinct held-out prompts.
+        assert len(combos) == len(set(combos)) >= 3 * 60, task
 
 
 def test_more_pairs_than_combinations_repeat_without_leaking():
