@@ -338,7 +338,7 @@ def divergence(name: str, policy_logits: jax.Array, ref_logits: jax.Array, **par
         return _from_logprobs(name, logp, logq, params)
     kw = _take(name, params, {
         "cost_embeddings": _REQUIRED, "epsilon": 0.1, "top_k": 16, "debiased": False,
-        "threshold": 1e-3, "max_iterations": 2000,
+        "threshold": 1e-3, "max_iterations": 2000, "lse_mode": None,
     })
     emb = kw.pop("cost_embeddings")
     vocab = policy_logits.shape[-1]
@@ -353,6 +353,7 @@ def divergence(name: str, policy_logits: jax.Array, ref_logits: jax.Array, **par
     return topk_sinkhorn(
         logp, logq, emb, epsilon=eps, top_k=top_k, debiased=bool(kw["debiased"]),
         threshold=float(kw["threshold"]), max_iterations=int(kw["max_iterations"]),
+        lse_mode=None if kw["lse_mode"] is None else bool(kw["lse_mode"]),
     )
 
 

@@ -94,3 +94,21 @@ def test_masked_tokens_batched_shapes_and_finite_gradients():
     for b in (rl, pl):  # masked supports; then p = q
         val, g = vg(pl, b)
         assert np.isfinite(val) and np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.5])
+def test_scaling_mode_equals_log_domain(x64, epsilon):
+    """For ε >= 0.04 Sinkhorn runs on scalings by default; values and gradients equal the log domain."""
+    pl, rl, emb = (jnp.asarray(x) for x in _setup(3, 12, 5))
+    kw = dict(cost_embeddings=emb, epsilon=epsilon, top_k=4, threshold=1e-9, max_iterations=20_000)
+    f = lambda lp, mode: jnp.sum(losses.divergence("wasserstein", lp, rl, lse_mode=mode, **kw))  # noqa: E731
+    np.testing.assert_allclose(f(pl, None), f(pl, True), rtol=1e-7)
+    np.testing.assert_allclose(f(pl, False), f(pl, True), rtol=1e-7)
+    np.testing.assert_allclose(jax.grad(f)(pl, None), jax.grad(f)(pl, True), rtol=1e-6, atol=1e-9)
+
+
+def test_small_epsilon_stays_finite_in_the_default_mode():
+    """ε = 1e-3 would underflow exp(−C/ε) on scalings; the default switches to the log domain."""
+    pl, rl, emb = (jnp.asarray(x, jnp.float32) for x in _setup(4, 12, 3))
+    w = losses.divergence("wasserstein", pl, rl, cost_embeddings=emb, epsilon=1e-3, top_k=4)
+    assert np.all(np.isfinite(np.asarray(w)))
