@@ -183,7 +183,8 @@ def synthetic_tasks(seed: int = 0, *, n_train_per_task: int = 300, n_eval_per_ta
     Columns ``prompt, chosen, rejected, task`` (task in `TASKS`). Prompts are
     ``"Q: <question>\\nA:"``, responses ``" <answer>"``. Per task, the held-out split uses at most a
     third of the family's prompt combinations (its prompts never occur in "train"); when more pairs
-    are asked for than there are combinations, combinations repeat (with fresh distractors).
+    are asked for than there are combinations, combinations repeat (with fresh
+    distractors where the family draws them).
 
     Args:
       seed: everything (split of combinations, distractors, row order) follows from it.
