@@ -7,6 +7,7 @@ within-round ratio (with its quartiles). Targets: HMK + hybrid <= 1.05x DPO;
 Wasserstein penalty <= 1.3x the KL penalty.
 
     python bench/hmk_overhead.py                       # tiny model, CPU
+    python bench/hmk_overhead.py --no-blas-limit       # without dpok train's one-thread host BLAS
     python bench/hmk_overhead.py model.preset=smollm2_135m train.batch_size=8 data.max_length=512
 """
 
@@ -39,8 +40,19 @@ BASE = ["data.synthetic_train_per_task=64", "data.synthetic_eval_per_task=8", "t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--no-blas-limit", action="store_true",
+                        help="leave the host BLAS thread pool as it is (dpok train limits it to one "
+                             "thread on CPU; see run.host_blas_single_threaded)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.no_blas_limit:
+        _bench(args)
+        return
+    with run_lib.host_blas_single_threaded():  # as `dpok train` runs its steps
+        _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> None:
     cfg = load_config(None, BASE + ["run_dir=/tmp/dpok_bench_hmk", *args.overrides])
     p = run_lib.prepare(cfg)
     batch = to_global(next(run_lib._batcher(p.train_pairs, cfg, cfg.train.batch_size, 0)),
@@ -74,7 +86,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()}  batch {cfg.train.batch_size}"
-          f"  rounds {args.rounds}")
+          f"  rounds {args.rounds}"
+          f"  host BLAS {'as is' if args.no_blas_limit else 'one thread'}")
     for name, t in med.items():
         print(f"  {name:<22} median step {t * 1e3:8.2f} ms")
     for (num, den), target in ((("hmk+hybrid", "dpo"), 1.05), (("wasserstein penalty", "kl penalty"), 1.3)):

@@ -9,6 +9,7 @@ With `train.compare_with_dpo`, plain DPO is trained from the same reference into
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import threadpoolctl
 from flax import nnx
 
 from dpok_jax import config as config_lib
@@ -317,8 +319,30 @@ def dpo_baseline_config(cfg: config_lib.Config) -> config_lib.Config:
     return dataclasses.replace(cfg, loss=loss, run_dir=str(Path(cfg.run_dir) / "dpo_baseline"))
 
 
+@contextlib.contextmanager
+def host_blas_single_threaded():
+    """On the CPU backend, limit the host BLAS/LAPACK libraries to one thread while XLA runs.
+
+    XLA:CPU runs a step on its own thread pool, one thread per core. LAPACK calls inside the step
+    (the Mahalanobis kernel's triangular solve, `lapack_strsm_ffi`) go to OpenBLAS, whose worker
+    threads spin-wait after every call and take those cores from XLA: with HMK on 2 cores this made
+    the whole train step about 10% slower (bench/hmk_overhead.py). One BLAS thread costs nothing
+    here, since the solves are tiny. Other backends are left as they are.
+    """
+    if jax.default_backend() != "cpu":
+        yield
+        return
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
     """Train (and optionally the DPO baseline), print the accuracy table, write summary.json."""
+    with host_blas_single_threaded():
+        return _run(cfg, should_stop=should_stop, devices=devices)
+
+
+def _run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
     if cfg.mesh.distributed:
         m = cfg.mesh
         jax.distributed.initialize(coordinator_address=m.coordinator_address,

@@ -165,3 +165,23 @@ def test_wasserstein_penalty_trains_with_live_reference(tmp_path):
     with pytest.raises(ValueError, match="reference.mode=live"):
         _cfg(tmp_path / "w2", "loss.alpha=0.1", "loss.divergence=wasserstein",
              "reference.mode=precomputed")
+
+
+def _blas_threads():
+    import threadpoolctl
+
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_run_limits_host_blas_to_one_thread_on_cpu_and_restores_it(tmp_path):
+    # LAPACK custom calls inside the step (Mahalanobis solve) must not wake a BLAS thread pool that
+    # competes with XLA's own threads for the cores.
+    jax.scipy.linalg.solve_triangular(jax.numpy.eye(2), jax.numpy.ones((2, 1)), lower=True)
+    before = _blas_threads()
+    assert before, "no BLAS library loaded: the check below would be vacuous"
+    seen = []
+    with mock.patch.object(run_lib, "_run", side_effect=lambda *a, **k: seen.append(_blas_threads())
+                           or {}):
+        run_lib.run(_cfg(tmp_path))
+    assert seen == [[1] * len(before)]
+    assert _blas_threads() == before
