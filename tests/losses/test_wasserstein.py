@@ -112,3 +112,30 @@ def test_small_epsilon_stays_finite_in_the_default_mode():
     pl, rl, emb = (jnp.asarray(x, jnp.float32) for x in _setup(4, 12, 3))
     w = losses.divergence("wasserstein", pl, rl, cost_embeddings=emb, epsilon=1e-3, top_k=4)
     assert np.all(np.isfinite(np.asarray(w)))
+
+
+def test_gibbs_geometry_equals_otts_dense_geometry(x64):
+    """The precomputed-kernel geometry (scalings mode) changes the speed of Sinkhorn, not its result."""
+    from ott.geometry import geometry
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import sinkhorn
+
+    from dpok_jax.losses._wasserstein import _geometry
+
+    rng = np.random.default_rng(6)
+    cost = jnp.asarray(rng.uniform(0.0, 2.0, (7, 7)))
+    vec = jnp.asarray(rng.uniform(0.1, 1.0, 7))
+    ours, ott_geom = _geometry(cost, 0.1, lse_mode=False), geometry.Geometry(cost_matrix=cost, epsilon=0.1)
+    for axis in (0, 1):
+        np.testing.assert_allclose(ours.apply_kernel(vec, eps=0.1, axis=axis),
+                                   ott_geom.apply_kernel(vec, eps=0.1, axis=axis), rtol=1e-12)
+    a, b = (jnp.asarray(rng.dirichlet(np.ones(7))) for _ in range(2))
+    solver = sinkhorn.Sinkhorn(lse_mode=False, threshold=1e-10, max_iterations=10_000)
+    out = [solver(linear_problem.LinearProblem(g, a=a, b=b)) for g in (ours, ott_geom)]
+    assert int(out[0].n_iters) == int(out[1].n_iters)
+    np.testing.assert_allclose(out[0].f, out[1].f, rtol=1e-10)
+    np.testing.assert_allclose(out[0].reg_ot_cost, out[1].reg_ot_cost, rtol=1e-12)
+    # Under jit the geometry round-trips as a pytree (the kernel is a leaf, not recomputed).
+    leaves = jax.tree.leaves(ours)
+    assert any(leaf.shape == (7, 7) and np.allclose(leaf, np.exp(-cost / 0.1)) for leaf in leaves)
+    assert type(jax.tree.unflatten(jax.tree.structure(ours), leaves)) is type(ours)
