@@ -338,15 +338,16 @@ def host_blas_single_threaded():
 
 def run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
     """Train (and optionally the DPO baseline), print the accuracy table, write summary.json."""
+    if cfg.mesh.distributed:
+        # Before anything touches a JAX backend (host_blas_single_threaded asks which one it is).
+        m = cfg.mesh
+        jax.distributed.initialize(coordinator_address=m.coordinator_address,
+                                   num_processes=m.num_processes, process_id=m.process_id)
     with host_blas_single_threaded():
         return _run(cfg, should_stop=should_stop, devices=devices)
 
 
 def _run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
-    if cfg.mesh.distributed:
-        m = cfg.mesh
-        jax.distributed.initialize(coordinator_address=m.coordinator_address,
-                                   num_processes=m.num_processes, process_id=m.process_id)
     run_dir = Path(cfg.run_dir)
     p = prepare(cfg, devices=devices)
     runs: dict[str, LoopResult] = {}

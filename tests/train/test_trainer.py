@@ -185,3 +185,15 @@ def test_run_limits_host_blas_to_one_thread_on_cpu_and_restores_it(tmp_path):
         run_lib.run(_cfg(tmp_path))
     assert seen == [[1] * len(before)]
     assert _blas_threads() == before
+
+
+def test_distributed_initialize_comes_before_any_backend_query(tmp_path):
+    # jax.distributed.initialize must run before a backend exists; the BLAS guard asks for one.
+    calls = []
+    backend = jax.default_backend
+    with mock.patch.object(jax.distributed, "initialize", lambda **kw: calls.append("initialize")), \
+            mock.patch.object(jax, "default_backend", lambda: calls.append("backend") or backend()), \
+            mock.patch.object(run_lib, "_run", lambda *a, **k: {}):
+        run_lib.run(_cfg(tmp_path, "mesh.distributed=true", "mesh.num_processes=1", "mesh.process_id=0",
+                         "mesh.coordinator_address=localhost:1234"))
+    assert calls[:2] == ["initialize", "backend"]
