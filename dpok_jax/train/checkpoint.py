@@ -16,10 +16,33 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 BEST_METRIC = "eval/accuracy"
 
 
+_DISTRIBUTED_BARRIER_FLAG = "experimental_orbax_use_distributed_barrier"
+
+
+def use_distributed_barriers() -> None:
+    """Make orbax synchronize processes through JAX's coordination service, not device collectives.
+
+    By default orbax's barriers are `sync_global_devices`, a tiny collective computation. Its
+    checkpoint manager runs some of them on a background thread after an async save, where they
+    interleave with the training step's own collectives in a different order on each process: the
+    collectives then mismatch (on CPU, gloo aborts with "Received data size doesn't match expected
+    size"). Orbax's absl flag switches its barriers to the distributed client's `wait_at_barrier`.
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        # Parsing only this flag (the others keep their defaults), as absl.app would at start-up.
+        flags.FLAGS(["dpok", f"--{_DISTRIBUTED_BARRIER_FLAG}"], known_only=True)
+    else:
+        setattr(flags.FLAGS, _DISTRIBUTED_BARRIER_FLAG, True)
+
+
 class RunCheckpoints:
     """Checkpoints under `RUN_DIR/checkpoints/<step>/{state,data}`."""
 
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
+        if jax.process_count() > 1:
+            use_distributed_barriers()
         self.directory = Path(directory).absolute()
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=max(int(keep), 1)),

@@ -88,7 +88,16 @@ def evaluate(eval_step: Callable, params, ref_params, batches, sharding, task_na
     return scores_by_task(np.concatenate(margins), np.concatenate(tasks), task_names)
 
 
+def host_rows(batch: dict, sharding: NamedSharding) -> dict:
+    """Every host's rows of a host-local numpy batch, in global batch order, as numpy on every host
+    (the same order as `_fetch` gives the outputs of a step on `to_global(batch)`)."""
+    if jax.process_count() == 1:
+        return {k: np.asarray(v) for k, v in batch.items()}
+    return {k: _fetch(v) for k, v in to_global(batch, sharding).items()}
+
+
 def _fetch(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on every host (gathered across processes when there are several)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpok_jax import losses
-from dpok_jax.train.loop import to_global
+from dpok_jax.train.loop import _fetch, host_rows, to_global
 from dpok_jax.train.step import ModelFns, StepSpec, _pair_arrays, _sequence_reduce, pooled_embeddings
 
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_embedding_prompt",
@@ -64,16 +64,18 @@ def training_embeddings(p, spec: StepSpec, *, max_pairs: int) -> tuple[np.ndarra
     cols: dict[str, list] = {k: [] for k in ("prompt", "chosen", "rejected")}
     count = 0
     fn = None if spec.embeddings == "dataset" else _reference_pass(p.fns, spec, None)
+    # Every host sees every host's rows (so all fit the same kernel parameters) and runs the same
+    # number of batches (so the collectives of the jitted pass match).
     for batch in _eval_batches(p, p.train_pairs, p.cfg.train.batch_size):
-        valid = np.asarray(batch["valid"]).astype(bool)
+        valid = host_rows({"valid": batch["valid"]}, p.batch_sharding)["valid"].astype(bool)
         if spec.embeddings == "dataset":
             if "embedding_prompt" not in batch:
                 raise ValueError("loss.embeddings=dataset needs embedding_prompt, embedding_chosen "
                                  "and embedding_rejected columns in the data")
-            got = {k: np.asarray(batch[f"embedding_{k}"]) for k in cols}
+            got = host_rows({k: batch[f"embedding_{k}"] for k in cols}, p.batch_sharding)
         else:
             out = fn(p.init_params, to_global(_model_inputs(batch), p.batch_sharding))
-            got = {k: np.asarray(out[f"ref_embedding_{k}"]) for k in cols}
+            got = {k: _fetch(out[f"ref_embedding_{k}"]) for k in cols}
         for k in cols:
             cols[k].append(got[k][valid])
         count += int(valid.sum())
@@ -166,9 +168,11 @@ def precomputed_reference(p, spec: StepSpec, ref_params, run_dir: Path, *, split
 
     batches = _eval_batches(p, pairs, cfg.train.batch_size)
     for batch in tqdm(batches, desc=f"reference pass ({split})", disable=not cfg.train.progress):
-        out = jax.tree.map(np.asarray, fn(ref_params, to_global(_model_inputs(batch), p.batch_sharding)))
-        valid = np.asarray(batch["valid"]).astype(bool)
-        idx = np.asarray(batch["example_index"])[valid]
+        # Gathered from every host: each host's batcher later draws any example, so each needs all.
+        out = jax.tree.map(_fetch, fn(ref_params, to_global(_model_inputs(batch), p.batch_sharding)))
+        rows = host_rows({k: batch[k] for k in ("valid", "example_index")}, p.batch_sharding)
+        valid = rows["valid"].astype(bool)
+        idx = rows["example_index"][valid]
         for k, v in out.items():
             v = v[valid]
             if k.startswith("ref_topk"):

@@ -193,9 +193,12 @@ def sft_warmup(p: Prepared):
         if (i + 1) % max(cfg.train.log_every, 1) == 0:
             bar.set_postfix(nll=f"{float(loss):.4f}")
     print(f"SFT warm-up: {cfg.sft.steps} steps, final token NLL {float(loss):.4f}.", flush=True)
-    ckpt.save(0, params["policy"], {"sft_steps": cfg.sft.steps}, force=True)
+    # Back on the declared parameter shardings (the jitted SFT step let XLA pick its outputs'):
+    # the train step's in_shardings name them, and across processes jit does not reshard.
+    policy = jax.device_put(params["policy"], p.param_shardings)
+    ckpt.save(0, policy, {"sft_steps": cfg.sft.steps}, force=True)
     ckpt.close()
-    return params["policy"]
+    return policy
 
 
 def _sft_over_wrapped(fns: ModelFns, tx, chunk_size: int, responses: str):
