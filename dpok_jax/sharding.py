@@ -6,15 +6,24 @@ axis each name lands on (MaxText's ``logical_axis_rules``). Resolution uses Flax
 (`nnx.logical_axis_rules` + `nnx.get_partition_spec`).
 
 Mesh axes: ``data`` (pure data parallel: parameters replicated), ``fsdp`` (data parallel with
-parameters sharded along ``embed``), ``tensor`` (Megatron-style: heads, MLP width and vocab split).
-A parameter dimension that its mesh axes do not divide is an error (`param_shardings` raises,
-naming the parameter), never a silent fall back to replication.
+parameters sharded along ``embed``, ZeRO-3 style), ``tensor`` (Megatron-style: heads, MLP width and
+vocab split). A parameter dimension that its mesh axes do not divide is an error (`param_shardings`
+raises, naming the parameter), never a silent fall back to replication.
+
+Activations are constrained through the same table (``activation_*`` names, `constrain`): the batch
+over ``data`` x ``fsdp``, heads and MLP width over ``tensor``. With parameters sharded over ``fsdp``
+and activations sharded over the batch, XLA all-gathers each layer's weights and reduce-scatters
+their gradients (MaxText's fsdp) instead of all-reducing full-batch activations. The whole train
+state (optimizer moments like their parameters, counters replicated) comes from
+`train_state_shardings`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -35,7 +44,21 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    # Activations ([B, T, ...] inside the model). Sequence stays unsharded (no context parallelism).
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
+
+# The mesh that `constrain` resolves activation specs against, set by `activation_mesh` around
+# tracing (a Python context, so it holds inside jit tracing and needs no JAX global state).
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh",
+                                                                              default=None)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
@@ -148,3 +171,79 @@ def shard_batch(batch: Any, mesh: Mesh, *, rules=LOGICAL_AXIS_RULES) -> Any:
         return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map_with_path(put, batch)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
+    """Within this context (while tracing), `constrain` pins activations to ``mesh`` per ``rules``."""
+    token = _ACTIVATION_MESH.set(None if mesh is None else (mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def activation_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
+                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """The PartitionSpec of an activation of ``shape`` with logical ``axes`` on ``mesh``.
+
+    A dimension that its mesh axes do not divide (a batch of 1 while sampling, say) stays
+    unsharded: activation constraints are layout requests; parameters and the batch are checked
+    strictly elsewhere (`param_shardings`, `shard_batch`).
+
+    >>> mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    >>> activation_spec((4, 3, 8), ("activation_batch", "activation_length", "activation_embed"), mesh)
+    PartitionSpec(('data', 'fsdp'), None, None)
+    """
+    if len(shape) != len(axes):
+        raise ValueError(f"activation of shape {tuple(shape)} given {len(axes)} logical axes {tuple(axes)}")
+    spec = logical_to_spec(axes, rules)
+    return PartitionSpec(*(entry if dim % _axis_size(mesh, entry) == 0 else None
+                           for dim, entry in zip(shape, spec)))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`jax.lax.with_sharding_constraint` of ``x`` to its logical ``axes`` inside `activation_mesh`;
+    the identity outside one (a model used without a mesh)."""
+    current = _ACTIVATION_MESH.get()
+    if current is None:
+        return x
+    mesh, rules = current
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(x.shape, axes, mesh, rules)))
+
+
+def train_state_shardings(mesh: Mesh, state: Any, params_shardings: Any) -> Any:
+    """Shardings for a whole train state (same tree as ``state``, concrete or abstract).
+
+    ``state`` has ``params`` and ``opt_state`` (a `dpok_jax.train.state.TrainState`);
+    ``params_shardings`` is the tree of ``state.params``'s shardings. Every optimizer-state leaf
+    whose key path ends with a parameter's path and has that parameter's shape (Adam's ``mu`` and
+    ``nu``, any optax moment) gets that parameter's sharding; scalars (step, counters, flags) and
+    the rng are replicated. Any other leaf with a dimension is an error naming it, so a new
+    optimizer cannot silently replicate a parameter-sized buffer on every device.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_paths, _ = jax.tree_util.tree_flatten_with_path(state.params)
+    shard_leaves = jax.tree.leaves(params_shardings)
+    if len(param_paths) != len(shard_leaves):
+        raise ValueError(f"params_shardings has {len(shard_leaves)} leaves, state.params {len(param_paths)}")
+    table = {jax.tree_util.keystr(path): (tuple(leaf.shape), sh)
+             for (path, leaf), sh in zip(param_paths, shard_leaves)}
+
+    def pick(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        for start in range(len(path)):
+            hit = table.get(jax.tree_util.keystr(path[start:]))
+            if hit is not None and hit[0] == shape:
+                return hit[1]
+        if len(shape) == 0:
+            return replicated
+        raise ValueError(f"optimizer state leaf {jax.tree_util.keystr(path)} {shape} matches no parameter: "
+                         "give it a sharding rule before training on a mesh")
+
+    return state.replace(
+        step=replicated,
+        params=params_shardings,
+        opt_state=jax.tree_util.tree_map_with_path(pick, state.opt_state),
+        rng=replicated,
+    )

@@ -22,13 +22,15 @@ from flax import nnx
 
 from dpok_jax import config as config_lib
 from dpok_jax import data as data_lib
-from dpok_jax import losses, sharding
+from dpok_jax import losses, selection, sharding
 from dpok_jax.models import ModelConfig, init_llama, load_llama
 from dpok_jax.train import reference as reference_lib
-from dpok_jax.train.checkpoint import RunCheckpoints
+from dpok_jax.train import run_folder
+from dpok_jax.train import sft as sft_lib
+from dpok_jax.train.interrupts import EXIT_STATUS, Interrupted, StopRequest
 from dpok_jax.train.loop import LoopResult, run_loop, to_global, tree_copy
-from dpok_jax.train.state import init_train_state, make_optimizer
-from dpok_jax.train.step import ModelFns, StepSpec, make_eval_step, make_sft_step, make_train_step
+from dpok_jax.train.state import init_sharded, jit_train_step, make_optimizer, state_shardings
+from dpok_jax.train.step import ModelFns, StepSpec, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -132,7 +134,8 @@ def _build_model(cfg: config_lib.Config, tokenizer, mesh):
     return init_llama(model_cfg, seed=cfg.train.seed, mesh=mesh)
 
 
-def prepare(cfg: config_lib.Config, *, devices=None) -> Prepared:
+def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = None) -> Prepared:
+    """Data, model on the mesh, and the reference (after the SFT warm-up, if any)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor,
@@ -154,7 +157,11 @@ def prepare(cfg: config_lib.Config, *, devices=None) -> Prepared:
                         init_params=params, param_shardings=shardings,
                         batch_sharding=sharding.batch_sharding(mesh))
     if cfg.sft.steps > 0:
-        prepared.init_params = sft_warmup(prepared)
+        prepared.init_params = sft_lib.sft_warmup(
+            cfg=cfg, fns=fns, init_params=params, param_shardings=shardings,
+            batch_sharding=prepared.batch_sharding,
+            batcher=_batcher(train_pairs, cfg, cfg.sft.batch_size, cfg.train.seed + 1),
+            run_dir=run_dir, stop=stop if stop is not None else StopRequest())
     return prepared
 
 
@@ -164,82 +171,47 @@ def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int):
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def sft_warmup(p: Prepared):
-    """Supervised warm-up (`sft.responses`); saved to RUN_DIR/reference so a resume reuses it."""
-    cfg = p.cfg
-    ref_dir = Path(cfg.run_dir).absolute() / "reference"
-    ckpt = RunCheckpoints(ref_dir, keep=1, async_save=False)
-    if ckpt.latest_step() is not None:
-        params, _ = ckpt.restore(ckpt.latest_step(), p.init_params)
-        ckpt.close()
-        print(f"Reference (SFT warm-up) loaded from {ref_dir}.", flush=True)
-        return params
-    tx = make_optimizer(learning_rate=cfg.sft.learning_rate, kernel_learning_rate=0.0,
-                        warmup_steps=min(10, cfg.sft.steps // 10), total_steps=cfg.sft.steps,
-                        weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=cfg.optim.clip_norm)
-    wrapped = {"policy": p.init_params, "kernel": {}}
-    opt_state = tx.init(wrapped)
-    jitted = jax.jit(_sft_over_wrapped(p.fns, tx, cfg.loss.chunk_size, cfg.sft.responses),
-                     donate_argnums=(0, 1))
-    batcher = _batcher(p.train_pairs, cfg, cfg.sft.batch_size, cfg.train.seed + 1)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(cfg.sft.steps), desc="sft warm-up", disable=not cfg.train.progress,
-               dynamic_ncols=True, mininterval=1.0)
-    params = tree_copy(wrapped)
-    loss = None
-    for i in bar:
-        params, opt_state, loss = jitted(params, opt_state, to_global(next(batcher), p.batch_sharding))
-        if (i + 1) % max(cfg.train.log_every, 1) == 0:
-            bar.set_postfix(nll=f"{float(loss):.4f}")
-    print(f"SFT warm-up: {cfg.sft.steps} steps, final token NLL {float(loss):.4f}.", flush=True)
-    # Back on the declared parameter shardings (the jitted SFT step let XLA pick its outputs'):
-    # the train step's in_shardings name them, and across processes jit does not reshard.
-    policy = jax.device_put(params["policy"], p.param_shardings)
-    ckpt.save(0, policy, {"sft_steps": cfg.sft.steps}, force=True)
-    ckpt.close()
-    return policy
-
-
-def _sft_over_wrapped(fns: ModelFns, tx, chunk_size: int, responses: str):
-    """The SFT step on the `{"policy", "kernel"}` tree the shared optimizer factory expects."""
-    inner = make_sft_step(fns, _PolicyOnly(tx), chunk_size, responses=responses)
-
-    def step(params, opt_state, batch):
-        policy, opt_state, loss = inner(params["policy"], opt_state, batch)
-        return {"policy": policy, "kernel": params["kernel"]}, opt_state, loss
-
-    return step
-
-
-class _PolicyOnly:
-    """Adapts an optimizer over `{"policy", "kernel"}` to a policy-only update."""
-
-    def __init__(self, tx):
-        self.tx = tx
-
-    def update(self, grads, opt_state, params):
-        updates, opt_state = self.tx.update({"policy": grads, "kernel": {}}, opt_state,
-                                            {"policy": params, "kernel": {}})
-        return updates["policy"], opt_state
-
-
-def fit_kernel(p: Prepared, spec: StepSpec) -> dict | None:
+def fit_kernel(p: Prepared, spec: StepSpec, stop: StopRequest | None = None) -> dict | None:
     """Kernel parameters (σ by the median heuristic, Ledoit–Wolf Σ, spectral frequencies) fitted
     once on training embeddings from the reference (or the dataset's columns)."""
     if not spec.uses_kernel:
         return None
-    e_x, e_pos, e_neg = reference_lib.training_embeddings(p, spec, max_pairs=1024)
-    params = losses.fit_kernel_params(e_x, e_pos, e_neg)
-    return params
+    e_x, e_pos, e_neg = reference_lib.training_embeddings(
+        fns=p.fns, spec=spec, params=p.init_params, batches=_one_pass(p, p.train_pairs),
+        batch_sharding=p.batch_sharding, max_pairs=1024, stop=stop)
+    return losses.fit_kernel_params(e_x, e_pos, e_neg)
 
 
-def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop=None) -> LoopResult:
-    """One DPO-Kernels run from the prepared reference into `run_dir`."""
+def _one_pass(p: Prepared, pairs):
+    """Every pair once, in order, the last batch padded (evaluation, reference pass, fitting)."""
+    return _batcher(pairs, p.cfg, p.cfg.train.batch_size, p.cfg.train.seed).iterate_once()
+
+
+def _reference_cache(p: Prepared, spec: StepSpec, ref_params, run_dir: Path, split: str,
+                     stop: StopRequest | None):
+    cfg = p.cfg
+    pairs = p.train_pairs if split == "train" else p.eval_pairs
+    top_k = cfg.reference.top_k if spec.uses_divergence else None
+    width = next(b for b in sorted(cfg.data.buckets) if b >= cfg.data.max_length) - 1
+    cache_dir = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else \
+        Path(run_dir).parent / ".reference_cache"
+    path = reference_lib.cache_path(cache_dir, split=split, pairs=pairs, ref_params=ref_params,
+                                    spec=spec, top_k=top_k, width=width,
+                                    model=config_lib.to_dict(cfg)["model"])
+    return reference_lib.precomputed_reference(
+        fns=p.fns, spec=spec, ref_params=ref_params, pairs=pairs, batches=_one_pass(p, pairs),
+        batch_sharding=p.batch_sharding, path=path, top_k=top_k, width=width,
+        progress=cfg.train.progress, stop=stop)
+
+
+def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop=None,
+              stop: StopRequest | None = None) -> LoopResult:
+    """One DPO-Kernels run from the prepared reference into `run_dir` (whose config.yaml the caller
+    has checked and written)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    stop = stop if stop is not None else StopRequest()
     spec = step_spec(cfg)
-    kernel_params = fit_kernel(p, spec)
+    kernel_params = fit_kernel(p, spec, stop)
     if spec.kernel == "hmk" and spec.uses_kernel:
         kernel_init = losses.init_hmk_params()
     elif spec.kernel == "mixture" and spec.uses_kernel:
@@ -256,13 +228,13 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop
 
     cache = None
     if spec.reference == "precomputed":
-        cache = reference_lib.precomputed_reference(p, spec, ref_params, run_dir)
+        cache = _reference_cache(p, spec, ref_params, run_dir, "train", stop)
     eval_step = jax.jit(make_eval_step(p.fns, spec, kernel_params))
     batcher = _batcher(p.train_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
     eval_batcher = _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
     if cache is not None:
         batcher = cache.attach(batcher)
-        eval_cache = reference_lib.precomputed_reference(p, spec, ref_params, run_dir, split="eval")
+        eval_cache = _reference_cache(p, spec, ref_params, run_dir, "eval", stop)
         eval_batches = lambda: eval_cache.attach_iter(eval_batcher.iterate_once())  # noqa: E731
     else:
         eval_batches = eval_batcher.iterate_once
@@ -273,7 +245,7 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop
         log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
         checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
         max_nonfinite=cfg.train.max_nonfinite, progress=cfg.train.progress,
-        desc=run_dir.name, should_stop=should_stop,
+        desc=run_dir.name, stop=stop, should_stop=should_stop,
     )
     if not result.eval_metrics and not result.interrupted:
         from dpok_jax.train.loop import evaluate
@@ -288,30 +260,20 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop
 
 
 def compile_train_step(p: Prepared, spec: StepSpec, kernel_params, tx, kernel_init=None):
-    """The initial state placed on the mesh, and the train step jitted with explicit in/out
+    """The initial state, born sharded on the mesh, and the train step jitted with explicit in/out
     shardings (the same before and after a step, so it never retraces) and a donated state."""
     params = {"policy": tree_copy(p.init_params),
               "kernel": jax.tree.map(np.asarray, kernel_init or {})}
-    state = jax.jit(lambda prm: init_train_state(prm, tx, p.cfg.train.seed))(params)
-    state = jax.device_put(state, _state_shardings(state, p.mesh))
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    train_step = jax.jit(make_train_step(p.fns, spec, kernel_params, tx),
-                         in_shardings=(state_shardings, p.param_shardings, p.batch_sharding),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    shardings = _state_shardings(params, p, tx)
+    state = init_sharded(params, tx, p.cfg.train.seed, shardings)
+    train_step = jit_train_step(make_train_step(p.fns, spec, kernel_params, tx), p.mesh, shardings,
+                                p.param_shardings, p.batch_sharding)
     return state, train_step
 
 
-def _state_shardings(state, mesh):
-    """Parameter-like leaves keep their sharding; anything else is replicated on the mesh."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(x):
-        s = getattr(x, "sharding", None)
-        return s if isinstance(s, NamedSharding) and s.mesh.shape == mesh.shape else replicated
-
-    return jax.tree.map(pick, state)
+def _state_shardings(params, p: Prepared, tx):
+    """The whole TrainState by the rules table: moments like their parameters, scalars replicated."""
+    return state_shardings(p.mesh, params, p.param_shardings, tx, p.cfg.train.seed)
 
 
 def dpo_baseline_config(cfg: config_lib.Config) -> config_lib.Config:
@@ -353,6 +315,7 @@ def run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
 def _run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
     run_dir = Path(cfg.run_dir)
     p = prepare(cfg, devices=devices)
+    cfg = p.cfg = selection.resolve_auto(p)  # loss.kernel / loss.divergence "auto" (SPEC §9)
     runs: dict[str, LoopResult] = {}
     label = _label(cfg)
     runs[label] = train_one(p, cfg, run_dir, should_stop=should_stop)

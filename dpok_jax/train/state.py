@@ -5,16 +5,24 @@ mixture logits (empty dict without a mixture)}`. The optimizer is one optax chai
 clipping, then `optax.multi_transform` (AdamW with warmup + cosine decay for the policy; Adam at its
 own learning rate for the kernel weights), wrapped in `optax.apply_if_finite` so a step with a
 non-finite loss or gradient changes nothing and is counted.
+
+On a mesh the whole state is sharded by `dpok_jax.sharding`'s rules (`state_shardings`): Adam's
+moments like their parameters (ZeRO-3 with ``fsdp``), counters and the rng replicated. `init_sharded`
+creates it directly in those shardings; `jit_train_step` jits a step with them and with the
+activation constraints of the model resolved on the mesh.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpok_jax import sharding as sharding_lib
 
 # Far above any `train.max_nonfinite`: the loop, not optax, decides when to stop.
 _OPTAX_MAX_NONFINITE = 1_000_000
@@ -78,3 +86,38 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int) 
 def nonfinite_counts(state: TrainState) -> tuple[jax.Array, jax.Array]:
     """(consecutive, total) skipped steps, from optax.apply_if_finite's state."""
     return state.opt_state.notfinite_count, state.opt_state.total_notfinite
+
+
+def train_params_shardings(mesh: Mesh, policy_shardings: Any, kernel_params: Any) -> dict:
+    """Shardings of `TrainState.params`: the policy's from the rules, kernel weights replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {"policy": policy_shardings, "kernel": jax.tree.map(lambda _: replicated, kernel_params)}
+
+
+def state_shardings(mesh: Mesh, params: dict, policy_shardings: Any, tx: optax.GradientTransformation,
+                    seed: int = 0) -> TrainState:
+    """The `TrainState` of ``params`` (concrete or abstract) as a tree of NamedShardings; nothing is
+    computed (`jax.eval_shape`)."""
+    abstract = jax.eval_shape(lambda prm: init_train_state(prm, tx, seed), params)
+    return sharding_lib.train_state_shardings(
+        mesh, abstract, train_params_shardings(mesh, policy_shardings, params["kernel"]))
+
+
+def init_sharded(params: dict, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
+    """`init_train_state` in one jit whose outputs are born in ``shardings`` (no replicated moments,
+    not even transiently)."""
+    return jax.jit(lambda prm: init_train_state(prm, tx, seed), out_shardings=shardings)(params)
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh, shardings: TrainState, ref_shardings: Any,
+                   batch_sharding: NamedSharding) -> Callable:
+    """``step_fn(state, ref_params, batch) -> (state, metrics)`` jitted on ``mesh``: explicit in/out
+    shardings (the same before and after a step, so it never retraces), the state donated, and
+    the model's activation constraints (`dpok_jax.sharding.constrain`) active while tracing."""
+
+    def traced(state, ref_params, batch):
+        with sharding_lib.activation_mesh(mesh):
+            return step_fn(state, ref_params, batch)
+
+    return jax.jit(traced, in_shardings=(shardings, ref_shardings, batch_sharding),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
