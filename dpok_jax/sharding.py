@@ -193,7 +193,7 @@ def activation_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh
 
     >>> mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
     >>> activation_spec((4, 3, 8), ("activation_batch", "activation_length", "activation_embed"), mesh)
-    PartitionSpec(('data', 'fsdp'), None, None)
+    P(('data', 'fsdp'), None, None)
     """
     if len(shape) != len(axes):
         raise ValueError(f"activation of shape {tuple(shape)} given {len(axes)} logical axes {tuple(axes)}")

@@ -19,6 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dpok_jax.models.attention import dot_product_attention
+from dpok_jax.sharding import constrain
+
+# Logical axes of the activations (resolved by `dpok_jax.sharding`'s rules inside `activation_mesh`).
+_BTH = ("activation_batch", "activation_length", "activation_embed")
+_BTND = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+_BTKD = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+_BTI = ("activation_batch", "activation_length", "activation_mlp")
+_BTV = ("activation_batch", "activation_length", "activation_vocab")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
@@ -331,23 +341,15 @@ class Attention(nnx.Module):
         self.o = _param(rngs, (n, d, h), ("heads", "head_dim", "embed"), cfg)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x ``[B, T, H]``, cos/sin ``[B, T, D]``, mask ``[B, T, S]`` bool (True = may attend)."""
+        """x ``[B, T, H]``, cos/sin ``[B, T, D]``; mask ``[B, T]`` bool key padding (causal implied)
+        or ``[B, T, S]`` bool (True = may attend); see `dot_product_attention`."""
         dt = self.dtype
-        q = jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt))
-        k = jnp.einsum("bth,hkd->btkd", x, self.k[...].astype(dt))
-        v = jnp.einsum("bth,hkd->btkd", x, self.v[...].astype(dt))
+        q = constrain(jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt)), _BTND)
+        k = constrain(jnp.einsum("bth,hkd->btkd", x, self.k[...].astype(dt)), _BTKD)
+        v = constrain(jnp.einsum("bth,hkd->btkd", x, self.v[...].astype(dt)), _BTKD)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        b, t, n, d = q.shape
-        # Group query heads by their kv head instead of repeating k/v: same math as HF's repeat_kv
-        # (query head i uses kv head i // group), without materializing the copies.
-        q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, d)  # [B, T, K, G, D]
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (d ** -0.5)
-        # A finite floor (not -inf) keeps fully padded query rows finite; their outputs are unused.
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-        return jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
+        out = constrain(dot_product_attention(q, k, v, mask), _BTND)
+        return constrain(jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt)), _BTH)
 
 
 class MLP(nnx.Module):
@@ -362,9 +364,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H] -> [B, T, H]
         dt = self.dtype
-        gate = jnp.einsum("bth,hi->bti", x, self.gate[...].astype(dt))
-        up = jnp.einsum("bth,hi->bti", x, self.up[...].astype(dt))
-        return jnp.einsum("bti,ih->bth", jax.nn.silu(gate) * up, self.down[...].astype(dt))
+        gate = constrain(jnp.einsum("bth,hi->bti", x, self.gate[...].astype(dt)), _BTI)
+        up = constrain(jnp.einsum("bth,hi->bti", x, self.up[...].astype(dt)), _BTI)
+        return constrain(jnp.einsum("bti,ih->bth", jax.nn.silu(gate) * up, self.down[...].astype(dt)), _BTH)
 
 
 class DecoderLayer(nnx.Module):
@@ -461,25 +463,25 @@ class Llama(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         if positions is None:
             positions = default_positions(attention_mask)
-        t = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None, :, :] & attention_mask[:, None, :]  # [B, T, S]
+        mask = attention_mask  # [B, S] key padding; the layers add the causal mask
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
 
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)  # [B, T, H]
+        x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dt), _BTH)  # [B, T, H]
 
         layer_def, layer_state = nnx.split(self.layers)
 
         def body(h, state):
+            h = constrain(h, _BTH)
             return nnx.merge(layer_def, state)(h, cos, sin, mask), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
         x, _ = jax.lax.scan(body, x, layer_state)
-        x = self.final_norm(x)
+        x = constrain(self.final_norm(x), _BTH)
         if return_hidden:
             return x
-        return jnp.einsum("bth,hv->btv", x, self.unembedding().astype(dt), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bth,hv->btv", x, self.unembedding().astype(dt), preferred_element_type=jnp.float32)
+        return constrain(logits, _BTV)
 
 
 def init_llama(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Llama:
