@@ -84,12 +84,34 @@ class ByteTokenizer:
         return self.encode(text) if tokenize else text
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def _model_kind(folder: Path) -> str:
+    """``"; its config.json is model_type 'gpt2' (architectures [...])"`` when there is one, else ""."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(config, dict):
+        return ""
+    return (f"; its config.json says model_type {config.get('model_type')!r} (architectures "
+            f"{config.get('architectures')})")
+
+
 def load_tokenizer(name_or_path: str | Path) -> Any:
-    """``"byte"`` gives `ByteTokenizer`; anything else a `transformers.AutoTokenizer` from that path.
+    """``"byte"`` gives `ByteTokenizer`; a ``.gguf`` file the tokenizer in its metadata
+    (`dpok_jax.models.gguf.load_gguf_tokenizer`); anything else a `transformers.AutoTokenizer`.
 
     A name that is not a local path and does not look like one (``org/name``) is tried as a hub name
-    (works only online); any failure raises `ValueError` naming it. A Hugging Face tokenizer without a pad token gets its EOS token as pad
-    (padding is always masked out, so the choice only needs to be a valid id).
+    (works only online); any failure raises `ValueError` naming it, as does a local folder without
+    tokenizer files (e.g. a model folder holding only ``config.json``; the error quotes its
+    ``model_type``) or a tokenizer that turns text into no tokens. A Hugging Face tokenizer without a
+    pad token gets its EOS token as pad (padding is always masked out, so the choice only needs to be
+    a valid id).
 
     >>> load_tokenizer("byte").eos_token_id
     258
@@ -98,9 +120,20 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
         return ByteTokenizer()
     path = Path(name_or_path).expanduser()
     text = str(name_or_path)
+    if text.endswith(".gguf"):
+        from dpok_jax.models.gguf import load_gguf_tokenizer
+
+        tok = load_gguf_tokenizer(path)  # errors name the file
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
     if not path.exists() and (text.startswith(("/", ".", "~")) or text.count("/") > 1):
         raise ValueError(f"cannot load a tokenizer: no such local path {text!r} (and it is not a hub name). "
                          "Use 'byte' for the built-in byte tokenizer, or a folder with tokenizer files.")
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"cannot load a tokenizer from folder {str(path)!r}: no tokenizer files in it (expected "
+                         f"one of {', '.join(TOKENIZER_FILES)}){_model_kind(path)}. Use 'byte' for the built-in "
+                         "byte tokenizer, or a folder with tokenizer files (data.tokenizer / model.path).")
     import transformers
 
     where = f"local path {str(path)!r}" if path.exists() else \
@@ -110,6 +143,10 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     except Exception as e:  # transformers raises OSError, ValueError or HF hub errors
         raise ValueError(f"cannot load a tokenizer from {where}: {type(e).__name__}: {e}. "
                          "Use 'byte' for the built-in byte tokenizer, or a folder with tokenizer files.") from e
+    probe = tok("Hello, world.", add_special_tokens=False)["input_ids"]
+    if not probe:
+        raise ValueError(f"tokenizer from {where} turns text into no tokens (vocabulary of {len(tok)})"
+                         f"{_model_kind(path) if path.is_dir() else ''}; it cannot tokenize the data")
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer from {where} has no EOS token; responses must end with one")
     if tok.pad_token_id is None:

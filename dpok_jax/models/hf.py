@@ -107,6 +107,12 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r} (architectures "
+                         f"{hf.get('architectures')}), expected 'llama': {folder} is not a Llama checkpoint, and "
+                         "dpok_jax loads Llama-architecture models only (Llama 2/3, SmolLM2, TinyLlama, ...)")
     try:
         return ModelConfig.from_hf(hf, **overrides)
     except (ValueError, TypeError) as e:
@@ -214,7 +220,8 @@ def load_llama(
     """Load a local Hugging Face Llama checkpoint (``config.json`` + safetensors) into a `Llama`.
 
     Args:
-      path: folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``.
+      path: folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``,
+        or a ``.gguf`` file (`dpok_jax.models.gguf.load_gguf_llama`: dequantized, float32 default).
       dtype: compute dtype (``"float32"``/``"bfloat16"``); default ``param_dtype``.
       param_dtype: storage dtype; default the checkpoint's (bfloat16 for bf16/fp16, else float32).
       mesh: place each parameter straight into its `dpok_jax.sharding` sharding on this mesh;
@@ -229,6 +236,10 @@ def load_llama(
       not a Llama, or its tensor shapes disagree with config.json; ValueError (before any
       compilation) when the mesh does not divide a parameter dimension.
     """
+    if str(path).endswith(".gguf"):
+        from dpok_jax.models.gguf import load_gguf_llama
+
+        return load_gguf_llama(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **config_overrides)
     folder = Path(path)
     config_file = folder / "config.json"
     hf_dtype = None
