@@ -2,6 +2,7 @@
 
     dpok train [--config FILE] [key=value ...]   train (no arguments: the embedded default)
     dpok export RUN_DIR OUT                      write the trained policy as a Hugging Face checkpoint
+    dpok select [--config FILE | --data PATH [--model DIR]] [key=value ...]   kernel/divergence rule
 """
 
 from __future__ import annotations
@@ -39,6 +40,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    """`dpok select`: SPEC §9 metrics, thresholds, verdicts and choices; saved as JSON."""
+    from dpok_jax.config import load_config
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.source={args.data}")
+    if args.model is not None:
+        overrides.append(f"model.path={args.model}")
+    if args.config is None and not any(o.startswith("run_dir=") for o in overrides):
+        overrides.append("run_dir=runs/select")
+    cfg = load_config(args.config or default_config_path(), overrides)
+    from dpok_jax import selection
+    from dpok_jax.train.run import host_blas_single_threaded, prepare
+
+    with host_blas_single_threaded():
+        report = selection.run_selection(prepare(cfg))
+    print(report.table())
+    out = report.save(args.out or Path(cfg.run_dir) / "selection.json")
+    print(f"Selection report written to {out}")
+    return 0
+
+
 def default_config_path() -> Path:
     return Path(__file__).parent / "configs" / "default.yaml"
 
@@ -56,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir")
     export.add_argument("out")
     export.set_defaults(func=_export)
+    select = sub.add_parser("select", help="choose kernel and divergence from the data (SPEC §9)")
+    select.add_argument("--config", type=Path, default=None,
+                        help="training YAML (its data, model, SFT warm-up and selection thresholds)")
+    select.add_argument("--data", default=None, help="a preference data file or folder (data.source)")
+    select.add_argument("--model", default=None, help="a local Hugging Face model folder (model.path)")
+    select.add_argument("--out", type=Path, default=None, help="JSON report (default RUN_DIR/selection.json)")
+    select.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.steps=0")
+    select.set_defaults(func=_select)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -142,6 +142,29 @@ class MeshSection:
 
 
 @dataclass(frozen=True)
+class SelectionSection:
+    """Thresholds of the data-driven selection rules (SPEC §9; `dpok select`, `kernel: auto`)."""
+
+    kernel_eps1: float = 0.5  # RBF: PNAV > eps1
+    kernel_eps2: float = 0.3  # RBF: TAT < eps2
+    kernel_eps3: float = 0.2  # Mahalanobis: PNAV < eps3
+    kernel_eps4: float = 0.7  # spectral: TAT > eps4
+    kernel_eps5: float = 0.1  # spectral: PND < eps5
+    approx_tol: float = 0.05  # polynomial: |NAG| and |log PND| below this count as 0
+    div_eps1: float = 0.6  # Bhattacharyya: support overlap > eps1
+    div_eps2: float = 0.3  # Wasserstein: drift > eps2
+    div_eps3: float = 3.0  # Renyi: kurtosis > eps3
+    overlap_low: float = 0.3  # JS: overlap below this (and kurtosis low)
+    kurtosis_low: float = 3.0  # JS / Hellinger: kurtosis below this (a normal law's is 3)
+    smoothness_low: float = 0.1  # Hellinger: smoothness below this (and kurtosis low)
+    max_pairs: int = 512  # training pairs the metrics are computed on
+    top_k: int = 32  # reference next-token probabilities kept per position
+    nucleus: float = 0.95  # support overlap: nucleus mass
+    smoothness_positions: int = 256  # consecutive-position pairs in the smoothness mean
+    smoothness_epsilon: float = 0.01  # Sinkhorn epsilon of the smoothness W1 (cost units)
+
+
+@dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/default"
     model: ModelSection = field(default_factory=ModelSection)
@@ -152,6 +175,7 @@ class Config:
     sft: SFTSection = field(default_factory=SFTSection)
     train: TrainSection = field(default_factory=TrainSection)
     mesh: MeshSection = field(default_factory=MeshSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
@@ -161,8 +185,8 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and choice checks that types alone cannot express; errors name the key."""
-    _check_choice(cfg.loss.kernel, KERNELS, "loss.kernel")
-    _check_choice(cfg.loss.divergence, DIVERGENCES, "loss.divergence")
+    _check_choice(cfg.loss.kernel, KERNELS + ("auto",), "loss.kernel")  # auto: SPEC §9 rule
+    _check_choice(cfg.loss.divergence, DIVERGENCES + ("auto",), "loss.divergence")
     _check_choice(cfg.loss.link, LINKS, "loss.link")
     _check_choice(cfg.loss.reward, REWARDS, "loss.reward")
     _check_choice(cfg.loss.embeddings, EMBEDDINGS, "loss.embeddings")
