@@ -40,6 +40,8 @@ class PreferenceBatcher:
       buckets: allowed padded lengths; the largest must hold every pair (>= ``pairs.max_length``).
       shuffle: reshuffle every epoch (else dataset order).
       drop_last: drop an epoch's last partial batch (else pad it, ``valid`` False on the padding).
+        With fewer pairs than one global batch and `drop_last`, training (`next`) raises a one-line
+        error saying how many pairs it needs; `iterate_once` works with any number of pairs.
       process_index, process_count: this host and the number of hosts.
 
     >>> import datasets
@@ -78,9 +80,6 @@ class PreferenceBatcher:
         self.process_index, self.process_count = int(process_index), int(process_count)
         n = len(pairs)
         self.steps_per_epoch = n // self.global_batch_size if drop_last else -(-n // self.global_batch_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} pairs are fewer than one global batch of {self.global_batch_size} and "
-                             "drop_last=True: nothing to iterate")
         self._epoch, self._position = 0, 0
         self._order = self._epoch_order(0)
 
@@ -118,6 +117,10 @@ class PreferenceBatcher:
         return self
 
     def __next__(self) -> dict:
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.pairs)} pairs are fewer than one global batch of "
+                             f"{self.global_batch_size}: training needs at least {self.global_batch_size} "
+                             "usable pairs (every step takes one full batch; iterate_once() pads instead)")
         if self._position >= self.steps_per_epoch:
             self._epoch, self._position = self._epoch + 1, 0
             self._order = self._epoch_order(self._epoch)
@@ -127,9 +130,11 @@ class PreferenceBatcher:
         return self._build(rows)
 
     def iterate_once(self) -> Iterator[dict]:
-        """One pass in dataset order (no shuffle), the last partial batch padded (``valid`` False).
+        """One pass in dataset order (no shuffle): every pair exactly once, whatever the batch size.
 
-        Independent of the training position (`state()` is unchanged).
+        ``ceil(N / global_batch_size)`` batches on every host (so collectives match across hosts);
+        the last one is padded with copies of a real row marked ``valid`` False. Independent of the
+        training position (`state()` is unchanged) and of `drop_last`.
         """
         g, n = self.global_batch_size, len(self.pairs)
         for start in range(0, n, g):

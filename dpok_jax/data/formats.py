@@ -74,16 +74,21 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def _check_messages(messages: Any, field: str) -> list[dict]:
+    """The messages of `field`, unchanged (extra keys such as ``name`` are kept for the template)."""
     if messages is None:
         raise RowError("missing_field", f"{field!r} is null or absent")
+    if isinstance(messages, str):
+        raise RowError("bad_conversation", f"{field!r} is a string, not a list of messages "
+                                           "(the other rows of this data are conversations)")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RowError("bad_conversation", f"{field!r} is not a non-empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError("bad_conversation", f"{field}[{i}] is not a {{role, content}} message: {m!r:.80}")
+            have = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise RowError("bad_conversation", f"{field}[{i}] is not a {{role, content}} message (has {have})")
         as_text(m["role"], f"{field}[{i}].role")
         as_text(m["content"], f"{field}[{i}].content")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [dict(m) for m in messages]
 
 
 def render_conversation(prompt: Sequence[dict] | None, chosen: Sequence[dict], rejected: Sequence[dict],
@@ -131,41 +136,41 @@ def render_conversation(prompt: Sequence[dict] | None, chosen: Sequence[dict], r
     return prompt_text, out[0], out[1]
 
 
-def _is_message_list(feature: Any) -> bool:
-    import datasets
+def detect_format(rows: Sequence[dict], source: str) -> str:
+    """``explicit``, ``implicit`` or ``conversational`` by the shape most rows have.
 
-    inner = getattr(feature, "feature", None)
-    if isinstance(feature, (list, datasets.List, datasets.LargeList, datasets.Sequence)) or inner is not None:
-        inner = feature[0] if isinstance(feature, list) else inner
-        return isinstance(inner, dict) and "content" in inner
-    return False
+    ``chosen`` holding a message list in more rows than it holds a string makes the data
+    conversational; otherwise a ``prompt`` key in most rows makes it explicit, and its absence
+    implicit. Rows of another shape are then bad rows of their own (the majority decides, so one odd
+    row cannot change how the others are read).
 
-
-def detect_format(features: Any, source: str) -> str:
-    """``explicit``, ``implicit`` or ``conversational`` from a dataset's features (column types).
-
-    Message lists anywhere in ``chosen`` make it conversational; otherwise a ``prompt`` column makes
-    it explicit, and its absence implicit.
+    >>> detect_format([{"chosen": [{"role": "user", "content": "hi"}], "rejected": []},
+    ...                {"chosen": "odd", "rejected": "row"}, {"chosen": [], "rejected": []}], "demo")
+    'conversational'
     """
-    cols = set(features)
+    cols = set().union(*(r.keys() for r in rows)) if rows else set()
     missing = {"chosen", "rejected"} - cols
     if missing:
         raise ValueError(f"data {source}: no column(s) {sorted(missing)}; found {sorted(cols)}. "
                          "Preference data needs chosen and rejected (and prompt for the explicit format).")
-    if _is_message_list(features["chosen"]):
+    lists = sum(isinstance(r.get("chosen"), (list, tuple)) for r in rows)
+    texts = sum(isinstance(r.get("chosen"), (str, bytes)) for r in rows)
+    if lists > texts:
         return "conversational"
-    return "explicit" if "prompt" in cols else "implicit"
+    textual = [r for r in rows if not isinstance(r.get("chosen"), (list, tuple))]
+    with_prompt = sum("prompt" in r for r in textual)
+    return "explicit" if 2 * with_prompt > len(textual) else "implicit"
 
 
 def normalize_row(row: dict, fmt: str, tokenizer: Any = None) -> tuple[str | None, str | None, str | None, str | None]:
     """``(prompt, chosen, rejected, bad_row)`` of one raw row; `bad_row` is ``"reason: detail"`` or None.
 
-    For the explicit format values pass through unchanged (`tokenize_pairs` checks them), so the
-    original values stay visible in the normalized dataset.
+    Every format's texts are checked here (`as_text`); a text value is never altered.
     """
     try:
         if fmt == "explicit":
-            return row.get("prompt"), row.get("chosen"), row.get("rejected"), None
+            p, c, r = (as_text(row.get(k), k) for k in ("prompt", "chosen", "rejected"))
+            return p, c, r, None
         if fmt == "implicit":
             p, c, r = split_implicit(as_text(row.get("chosen"), "chosen"), as_text(row.get("rejected"), "rejected"))
             return p, c, r, None

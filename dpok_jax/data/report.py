@@ -11,7 +11,9 @@ REASONS: dict[str, str] = {
     "missing_field": "a required field (prompt, chosen, rejected, a message list or an embedding) is absent or null",
     "not_a_string": "a text field holds something else than a string (number, list, ...)",
     "undecodable": "text that is not valid UTF-8 (bytes, a JSON line that cannot be decoded, lone surrogates)",
-    "invalid_json": "a JSON Lines line that does not parse",
+    "invalid_json": "a JSON Lines line that does not parse, or a line or array element that is not an object",
+    "invalid_csv": "a CSV record with more or fewer fields than the header",
+    "bad_embedding": "an embedding_* value that is not a list of numbers",
     "empty_response": "chosen or rejected is empty or only whitespace",
     "identical_responses": "chosen and rejected are the same text: the pair carries no preference",
     "no_shared_prompt": "implicit format: chosen and rejected share no prefix ending in '\\n\\nAssistant:'",
@@ -28,39 +30,42 @@ REASONS: dict[str, str] = {
 
 @dataclasses.dataclass
 class BadRowReport:
-    """Counts of skipped rows by reason (with example row indices) and of truncated fields.
+    """Counts of skipped rows by reason (with example rows) and of truncated fields.
 
-    Row indices are 0-based positions in the dataset given to `tokenize_pairs`, which for a file are
-    its records in order (line number - 1 for JSON Lines).
+    A row is named by where it came from: ``"path:LINE"`` (1-based line) for JSON Lines, JSON and CSV
+    files, ``"path record N"`` (1-based) for Parquet, and ``"row N"`` (0-based position) for an
+    in-memory dataset.
 
     >>> r = BadRowReport(source="demo")
-    >>> r.add("empty_response", 3, "chosen is empty"); r.add("empty_response", 7); r.kept = 8
-    >>> r.total_skipped, r.counts
-    (2, {'empty_response': 2})
+    >>> r.add("empty_response", "pairs.jsonl:3", "chosen is empty"); r.add("empty_response", 7); r.kept = 8
+    >>> r.total_skipped, r.counts, r.examples
+    (2, {'empty_response': 2}, {'empty_response': ['pairs.jsonl:3', 'row 7']})
     >>> print(r.summary())
     demo: kept 8 of 10 rows, skipped 2
-      empty_response: 2 (rows 3, 7)
-        e.g. row 3: chosen is empty
+      empty_response: 2 (pairs.jsonl:3, row 7)
+        e.g. pairs.jsonl:3: chosen is empty
     """
 
     source: str = ""
     max_examples: int = 10
     kept: int = 0
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
-    examples: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     details: dict[str, str] = dataclasses.field(default_factory=dict)  # first detail per reason
     truncated: dict[str, int] = dataclasses.field(default_factory=dict)  # field -> rows cut
 
-    def add(self, reason: str, row: int, detail: str = "") -> None:
-        """Record that row `row` was skipped for `reason` (one of `REASONS`)."""
+    def add(self, reason: str, where: int | str, detail: str = "") -> None:
+        """Record that a row was skipped for `reason` (one of `REASONS`); `where` is its origin
+        (``"path:LINE"``) or its 0-based position in an in-memory dataset."""
         if reason not in REASONS:
             raise ValueError(f"unknown bad-row reason {reason!r}; known: {sorted(REASONS)}")
+        label = where if isinstance(where, str) else f"row {int(where)}"
         self.counts[reason] = self.counts.get(reason, 0) + 1
         rows = self.examples.setdefault(reason, [])
         if len(rows) < self.max_examples:
-            rows.append(int(row))
+            rows.append(label)
         if detail and reason not in self.details:
-            self.details[reason] = f"row {row}: {detail}"
+            self.details[reason] = f"{label}: {detail}"
 
     def add_truncated(self, field: str) -> None:
         """Record that one row's `field` (prompt, chosen, rejected) was truncated to fit."""
@@ -83,7 +88,7 @@ class BadRowReport:
         for reason, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
             rows = ", ".join(map(str, self.examples.get(reason, [])))
             more = ", ..." if n > len(self.examples.get(reason, [])) else ""
-            lines.append(f"  {reason}: {n} (rows {rows}{more})")
+            lines.append(f"  {reason}: {n} ({rows}{more})")
             if reason in self.details:
                 lines.append(f"    e.g. {self.details[reason]}")
         for field, n in sorted(self.truncated.items()):

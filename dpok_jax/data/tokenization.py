@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dpok_jax.data.formats import BAD_ROW_COLUMN, RowError, as_text
+from dpok_jax.data.loading import ORIGIN_COLUMN
 from dpok_jax.data.report import BadRowReport
 from dpok_jax.data.synthetic import TASKS
 
@@ -103,7 +104,8 @@ def tokenize_pairs(dataset: Any, tokenizer: Any, *, max_prompt_length: int, max_
       tokenizer: `ByteTokenizer` or a `transformers` tokenizer; must have ``eos_token_id``.
       max_prompt_length: most prompt tokens, BOS included.
       max_length: most tokens of ``prompt + response``; must exceed `max_prompt_length`.
-      strict: raise `ValueError` naming the row index and reason at the first bad row instead.
+      strict: raise `ValueError` naming the row (its ``_origin``, e.g. ``"train.jsonl:12"``, else its
+        0-based position) and reason at the first bad row instead.
       report: a report to add to (default: a new one).
       task_names: fixes the task -> id mapping (pass the training pairs' names when tokenizing eval
         data); default `TASKS` when every task is one of them, else the sorted task values.
@@ -144,14 +146,20 @@ def tokenize_pairs(dataset: Any, tokenizer: Any, *, max_prompt_length: int, max_
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "task": [], "row": []}
     embs: dict[str, list] = {c: [] for c in emb_cols}
 
+    has_origin = ORIGIN_COLUMN in columns
+    origins: list = []
+
     def skip(row: int, reason: str, detail: str) -> None:
+        where = origins[row - start] if has_origin and origins[row - start] else f"row {row}"
         if strict:
-            raise ValueError(f"bad row {row} ({reason}): {detail}")
-        report.add(reason, row, detail)
+            raise ValueError(f"{where}: bad row ({reason}): {detail} (data.strict is on; turn it off to "
+                             "skip and count bad rows instead)")
+        report.add(reason, where, detail)
 
     start = 0
     for batch in dataset.iter(batch_size=batch_size):
         n = len(batch["chosen"])
+        origins = batch[ORIGIN_COLUMN] if has_origin else []
         good: list[tuple[int, str, str, str, int]] = []
         for j in range(n):
             row = start + j

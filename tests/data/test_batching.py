@@ -150,7 +150,23 @@ def test_construction_errors(pairs):
         PreferenceBatcher(pairs, global_batch_size=8, seed=0, buckets=(32, 64))
     with pytest.raises(ValueError, match="multiple of process_count=3"):
         PreferenceBatcher(pairs, global_batch_size=8, seed=0, process_count=3)
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        PreferenceBatcher(pairs, global_batch_size=1000, seed=0)
+    with pytest.raises(ValueError, match=f"{len(pairs)} pairs are fewer than one global batch of 1000: "
+                                         "training needs at least 1000 usable pairs"):
+        next(PreferenceBatcher(pairs, global_batch_size=1000, seed=0))
     with pytest.raises(ValueError, match="no pairs"):
         PreferenceBatcher(pairs.select([]), global_batch_size=8, seed=0)
+
+
+@pytest.mark.parametrize("n,batch,count", [(15, 16, 1), (5, 16, 2), (17, 16, 2), (3, 8, 4)])
+def test_evaluation_pass_covers_fewer_pairs_than_a_batch(n, batch, count):
+    """Issue 9 item 11: fewer held-out pairs than one global batch used to fail at construction."""
+    pairs = _varied_pairs(n)
+    hosts = [list(PreferenceBatcher(pairs, global_batch_size=batch, seed=0, process_index=i,
+                                    process_count=count).iterate_once()) for i in range(count)]
+    assert len({len(h) for h in hosts}) == 1 and len(hosts[0]) == -(-n // batch)  # same count on every host
+    seen = np.concatenate([b["example_index"][b["valid"]] for i in range(len(hosts[0])) for h in hosts
+                           for b in [h[i]]])
+    assert sorted(seen.tolist()) == list(range(n))  # every pair exactly once
+    for h in hosts:
+        for b in h:
+            assert b["chosen_input_ids"].shape[0] == batch // count

@@ -9,6 +9,7 @@ import pytest
 
 from dpok_jax.data import ByteTokenizer, load_preference_dataset, load_tokenizer, tokenize_pairs
 from dpok_jax.data.formats import ASSISTANT_MARKER, BAD_ROW_COLUMN
+from dpok_jax.data.loading import ORIGIN_COLUMN
 
 from .conftest import write_jsonl
 
@@ -36,8 +37,12 @@ def test_explicit_from_each_file_type(tmp_path, kind):
     else:
         datasets.Dataset.from_list(EXPLICIT).to_parquet(str(path))
     ds = _load(path, tmp_path)
-    assert ds.column_names == ["prompt", "chosen", "rejected", "task"]
-    assert [dict(zip(ds.column_names, v)) for v in zip(*ds[:].values())] == EXPLICIT
+    assert ds.column_names == ["prompt", "chosen", "rejected", "task", BAD_ROW_COLUMN, ORIGIN_COLUMN]
+    cols = ["prompt", "chosen", "rejected", "task"]
+    assert [dict(zip(cols, v)) for v in zip(*(ds[c] for c in cols))] == EXPLICIT
+    assert ds[BAD_ROW_COLUMN] == [None] * 3
+    where = {"jsonl": ":{}", "jsonl.gz": ":{}", "json": ":1", "parquet": " record {}"}[kind]
+    assert ds[ORIGIN_COLUMN] == [f"{path}{where.format(i)}" for i in (1, 2, 3)]
     pairs, report = tokenize_pairs(ds, ByteTokenizer(), max_prompt_length=32, max_length=64)
     assert len(pairs) == 3 and report.total_skipped == 0
     assert pairs.task_names == ("facts", "math") and pairs.task_id.tolist() == [1, 0, 1]
@@ -72,7 +77,8 @@ def test_implicit_prompt_is_shared_prefix_to_last_assistant_turn(tmp_path):
     pairs, report = tokenize_pairs(ds, ByteTokenizer(), max_prompt_length=64, max_length=128)
     assert pairs.example_index.tolist() == [0, 1]
     assert report.counts == {"no_shared_prompt": 1, "identical_responses": 1}
-    assert report.examples == {"no_shared_prompt": [2], "identical_responses": [3]}
+    path = tmp_path / "hh.jsonl"
+    assert report.examples == {"no_shared_prompt": [f"{path}:3"], "identical_responses": [f"{path}:4"]}
 
 
 def test_hh_rlhf_harmless_base(hh_path, tmp_path):
@@ -161,8 +167,8 @@ def test_errors_name_the_file_or_column(tmp_path):
     (tmp_path / "pairs.txt").write_text("hello")
     with pytest.raises(ValueError, match=r"pairs\.txt: unsupported type"):
         _load(tmp_path / "pairs.txt", tmp_path)
-    (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"cannot read data file .*broken\.json"):
+    (tmp_path / "broken.json").write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"},\n {not json}]')
+    with pytest.raises(ValueError, match=r"broken\.json: invalid JSON at line 2 column 3"):
         _load(tmp_path / "broken.json", tmp_path)
 
 
@@ -187,8 +193,8 @@ def test_unreadable_json_lines_become_counted_bad_rows(tmp_path):
     pairs, report = tokenize_pairs(ds, ByteTokenizer(), max_prompt_length=8, max_length=16)
     assert pairs.example_index.tolist() == [0, 4]
     assert report.counts == {"undecodable": 2, "invalid_json": 1}
-    assert report.examples == {"undecodable": [1, 2], "invalid_json": [3]}
-    with pytest.raises(ValueError, match=r"bad row 1 \(undecodable\)"):
+    assert report.examples == {"undecodable": [f"{path}:2", f"{path}:3"], "invalid_json": [f"{path}:4"]}
+    with pytest.raises(ValueError, match=rf"{path}:2: bad row \(undecodable\)"):
         tokenize_pairs(ds, ByteTokenizer(), max_prompt_length=8, max_length=16, strict=True)
 
 
@@ -197,10 +203,11 @@ def test_extra_columns_task_and_embeddings_pass_through(tmp_path):
                  source_url="dropped") for r in EXPLICIT]
     ds = _load(write_jsonl(tmp_path / "e.jsonl", rows), tmp_path)
     assert ds.column_names == ["prompt", "chosen", "rejected", "task", "embedding_prompt",
-                               "embedding_chosen", "embedding_rejected"]
+                               "embedding_chosen", "embedding_rejected", BAD_ROW_COLUMN, ORIGIN_COLUMN]
     ds = _load(write_jsonl(tmp_path / "h.jsonl", [{"chosen": "\n\nAssistant: a", "rejected": "\n\nAssistant: b",
                                                     "task": "t", "embedding_prompt": [1.0]}]), tmp_path)
-    assert ds.column_names == ["prompt", "chosen", "rejected", "task", "embedding_prompt", BAD_ROW_COLUMN]
+    assert ds.column_names == ["prompt", "chosen", "rejected", "task", "embedding_prompt", BAD_ROW_COLUMN,
+                               ORIGIN_COLUMN]
 
 
 def test_in_memory_dataset_and_dict(tmp_path):

@@ -70,7 +70,7 @@ def test_bad_row_report_counts_every_reason(tmp_path):
     assert report.counts == {"missing_field": 1, "empty_response": 1, "identical_responses": 1,
                              "identical_after_truncation": 1, "no_shared_prompt": 1, "undecodable": 1,
                              "not_a_string": 1}
-    assert report.examples["not_a_string"] == [8] and report.examples["missing_field"] == [1]
+    assert report.examples["not_a_string"] == ["row 8"] and report.examples["missing_field"] == ["row 1"]
     assert report.kept == 2 and report.total_skipped == 7 and report.total_rows == 9
     assert report.truncated == {"prompt": 1}
     text = report.summary()
@@ -95,7 +95,7 @@ def test_bytes_fields_are_decoded_or_reported():
                                          (8, "not_a_string")])
 def test_strict_raises_naming_the_row(row, reason):
     ds = _bad_dataset().select([0, row])
-    with pytest.raises(ValueError, match=rf"bad row 1 \({reason}\)"):
+    with pytest.raises(ValueError, match=rf"^row 1: bad row \({reason}\)"):
         tokenize_pairs(ds, TOK, max_prompt_length=16, max_length=24, strict=True)
 
 
