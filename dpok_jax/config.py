@@ -58,6 +58,9 @@ class DataSection:
     synthetic_train_per_task: int = 300
     synthetic_eval_per_task: int = 60
     max_eval_examples: Optional[int] = None
+    # Share of a single-file source's usable pairs held out for evaluation (at least 1 pair, at most
+    # max_eval_examples or 1000); ignored with eval_source or a folder that has an eval_split.
+    eval_fraction: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,13 @@ def validate(cfg: Config) -> Config:
             f"config data.max_prompt_length={cfg.data.max_prompt_length} must be smaller than "
             f"data.max_length={cfg.data.max_length}"
         )
+    if not cfg.data.buckets or min(cfg.data.buckets) < 1:
+        raise ValueError(f"config data.buckets={list(cfg.data.buckets)}: needs at least one positive length "
+                         f"(the padded lengths; the largest >= data.max_length={cfg.data.max_length})")
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise ValueError(f"config data.eval_fraction={cfg.data.eval_fraction}: must be in (0, 1)")
+    if cfg.data.max_eval_examples is not None and cfg.data.max_eval_examples < 1:
+        raise ValueError(f"config data.max_eval_examples={cfg.data.max_eval_examples}: must be >= 1 (or null)")
     if max(cfg.data.buckets) < cfg.data.max_length:
         raise ValueError(
             f"config data.buckets={cfg.data.buckets}: the largest bucket must be >= "

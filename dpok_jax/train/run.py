@@ -69,42 +69,16 @@ def step_spec(cfg: config_lib.Config) -> StepSpec:
 
 
 def _load_data(cfg: config_lib.Config, tokenizer, run_dir: Path):
-    d = cfg.data
-    if d.source == "synthetic":
-        splits = data_lib.synthetic_tasks(d.seed, n_train_per_task=d.synthetic_train_per_task,
-                                          n_eval_per_task=d.synthetic_eval_per_task)
-        train_ds, eval_ds = splits["train"], splits["test"]
-    else:
-        train_ds = data_lib.load_preference_dataset(d.source, split=d.train_split, format=d.format,
-                                                    tokenizer=tokenizer)
-        if d.eval_source is None and Path(d.source).is_file():
-            # One file holds one split: hold out a deterministic slice for evaluation.
-            held_out = max(1, min(1000, len(train_ds) // 20))
-            split = train_ds.train_test_split(test_size=held_out, seed=d.seed, shuffle=True)
-            train_ds, eval_ds = split["train"], split["test"]
-            print(f"data.source is a single file: {held_out} rows held out for evaluation "
-                  "(set data.eval_source to use a separate file).", flush=True)
-        else:
-            eval_ds = data_lib.load_preference_dataset(d.eval_source or d.source,
-                                                       split=d.eval_split, format=d.format,
-                                                       tokenizer=tokenizer)
-    if d.max_eval_examples is not None and len(eval_ds) > d.max_eval_examples:
-        eval_ds = eval_ds.select(range(d.max_eval_examples))
-    out = []
-    task_names = None
-    for name, ds in (("train", train_ds), ("eval", eval_ds)):
-        pairs, report = data_lib.tokenize_pairs(ds, tokenizer, max_prompt_length=d.max_prompt_length,
-                                                max_length=d.max_length, strict=d.strict,
-                                                task_names=task_names)
-        task_names = list(pairs.task_names)
-        if jax.process_index() == 0:
-            report.save(run_dir / f"bad_rows_{name}.json")
-        if report.total_skipped:
-            print(f"[{name} data] {report.summary()}", flush=True)
-        if len(pairs) == 0:
-            raise ValueError(f"no usable {name} pairs left in {d.source!r}: {report.summary()}")
-        out.append(pairs)
-    return out
+    """Training and held-out pairs (`data.load_pairs`); bad-row reports saved in `run_dir`."""
+    if cfg.model.path is not None and Path(cfg.model.path).is_dir():
+        # A folder that is not a Llama fails here, before any data work, with its model_type.
+        from dpok_jax.models.hf import read_config
+
+        read_config(cfg.model.path)
+    batches = [b for b, steps in ((cfg.train.batch_size, cfg.train.steps), (cfg.sft.batch_size, cfg.sft.steps))
+               if steps > 0]
+    return data_lib.load_pairs(cfg.data, tokenizer, run_dir=run_dir, is_main_process=jax.process_index() == 0,
+                               min_train_pairs=max(batches, default=1))
 
 
 def tokenizer_source(cfg: config_lib.Config) -> str:
