@@ -89,7 +89,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def _model_kind(folder: Path) -> str:
-    """``"; its config.json is model_type 'gpt2' (architectures [...])"`` when there is one, else ""."""
+    """``"; its config.json says model_type 'gpt2' (architectures [...])"`` when there is one, else ""."""
     import json
 
     try:

@@ -108,6 +108,16 @@ def test_csv_text_columns_stay_text(tmp_path):
     assert "2 fields, the header has 3" in report.details["invalid_csv"]
 
 
+def test_csv_all_digit_columns_are_text(tmp_path):
+    path = tmp_path / "digits.csv"
+    path.write_text("prompt,chosen,rejected\n1,2,3\n10,20,30\n1,007,7\n")
+    ds = _load(path)
+    assert ds["prompt"] == ["1", "10", "1"] and ds["chosen"] == ["2", "20", "007"]
+    pairs, report = _tokenize(ds)
+    assert len(pairs) == 3 and report.total_skipped == 0
+    assert TOK.decode(pairs.chosen_ids[2].tolist()) == "007"
+
+
 def test_folder_reads_every_file_of_a_split_with_the_file_rules(tmp_path):
     """Item 14: train.jsonl + train.csv ignored the CSV; one bad JSONL line failed the whole folder."""
     folder = tmp_path / "data"
