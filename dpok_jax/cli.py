@@ -3,6 +3,7 @@
     dpok train [--config FILE] [key=value ...]   train (no arguments: the embedded default)
     dpok export RUN_DIR OUT                      write the trained policy as a Hugging Face checkpoint
     dpok select [--config FILE | --data PATH [--model DIR]] [key=value ...]   kernel/divergence rule
+    dpok eval RUN_DIR [--data FILE] [--step N]   accuracy/F1, margins, Davies-Bouldin, weighted alpha
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ def _train(args: argparse.Namespace) -> int:
     from dpok_jax.train.run import run
 
     try:
-        summary = run(cfg)
+        summary = run(cfg, allow_changes=tuple(args.allow_change))
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 130 if summary.get("interrupted") else 0
+    if summary.get("interrupted"):
+        return int(summary.get("exit_status", 130))
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -63,6 +66,17 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """`dpok eval`: accuracy/F1 (per task), reward margins, Davies-Bouldin, weighted alpha."""
+    from dpok_jax.evaluation.run_eval import evaluate_run, format_eval, save_eval
+
+    result = evaluate_run(args.run_dir, data=args.data, step=args.step, overrides=args.overrides)
+    print(format_eval(result))
+    out = save_eval(result, args.out or Path(args.run_dir) / "eval.json")
+    print(f"Evaluation written to {out}")
+    return 0
+
+
 def default_config_path() -> Path:
     return Path(__file__).parent / "configs" / "default.yaml"
 
@@ -74,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", type=Path, default=None,
                        help="YAML file of differences from the defaults (default: the embedded "
                             "tiny-CPU default)")
+    train.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                       help="on resume, accept a changed KEY (train.steps, data.max_eval_examples or "
+                            "train.compare_with_dpo); repeatable")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.beta=0.2")
     train.set_defaults(func=_train)
     export = sub.add_parser("export", help="export a run's policy as a Hugging Face checkpoint")
@@ -88,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     select.add_argument("--out", type=Path, default=None, help="JSON report (default RUN_DIR/selection.json)")
     select.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.steps=0")
     select.set_defaults(func=_select)
+    ev = sub.add_parser("eval", help="held-out metrics of a trained run (SPEC §10)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data", default=None, help="held-out pairs to use instead of the run's (a file)")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ev.add_argument("--out", type=Path, default=None, help="JSON file (default RUN_DIR/eval.json)")
+    ev.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.max_eval_examples=200")
+    ev.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -216,6 +217,7 @@ def validate(cfg: Config) -> Config:
     for key, value in nonneg.items():
         if value < 0:
             raise ValueError(f"config {key}={value!r}: must be >= 0")
+    _check_run_settings(cfg)
     if not 0.0 <= cfg.loss.label_smoothing < 0.5:
         raise ValueError(f"config loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)")
     if cfg.train.batch_size % cfg.optim.grad_accum:
@@ -251,6 +253,51 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _finite_floats(obj, prefix: str = ""):
+    """(dotted key, value) of every float field, nested sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _finite_floats(value, key + ".")
+        elif isinstance(value, float):
+            yield key, value
+
+
+def _check_run_settings(cfg: Config) -> None:
+    """Loop, optimizer and checkpoint settings that would fail (or silently misbehave) later."""
+    import math
+
+    for key, value in _finite_floats(cfg):
+        if not math.isfinite(value):
+            raise ValueError(f"config {key}={value!r}: must be a finite number")
+    at_least_one = {
+        "train.log_every": cfg.train.log_every,
+        "train.max_nonfinite": cfg.train.max_nonfinite,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "sft.batch_size": cfg.sft.batch_size,
+        "reference.top_k": cfg.reference.top_k,
+    }
+    for key, value in at_least_one.items():
+        if value < 1:
+            raise ValueError(f"config {key}={value!r}: must be >= 1")
+    zero_means_off = {
+        "train.checkpoint_every": (cfg.train.checkpoint_every, "0 turns periodic checkpoints off"),
+        "train.eval_every": (cfg.train.eval_every, "0 evaluates only at the end"),
+        "optim.warmup_steps": (cfg.optim.warmup_steps, "0 means no warm-up"),
+        "optim.clip_norm": (cfg.optim.clip_norm, "0 turns clipping off"),
+        "optim.weight_decay": (cfg.optim.weight_decay, "0 means none"),
+        "optim.kernel_learning_rate": (cfg.optim.kernel_learning_rate, "0 freezes the kernel weights"),
+        "sft.learning_rate": (cfg.sft.learning_rate, "used only when sft.steps > 0"),
+    }
+    for key, (value, meaning) in zero_means_off.items():
+        if value < 0:
+            raise ValueError(f"config {key}={value!r}: must be >= 0 ({meaning})")
+    for key, value in (("optim.b1", cfg.optim.b1), ("optim.b2", cfg.optim.b2)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"config {key}={value!r}: must be in [0, 1)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file (differences only), then `key=value` overrides.
 
@@ -273,6 +320,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as err:
         where = f" in {path}" if path is not None else ""
         raise ValueError(f"bad configuration{where}: {str(err).splitlines()[0]}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"malformed YAML in {path}{line}: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason})") from None
     return validate(cfg)
 
 

@@ -6,6 +6,7 @@ Async saves; the last `keep` checkpoints and the best one by held-out accuracy a
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,38 @@ class RunCheckpoints:
                                           data=ocp.args.JsonRestore()),
         )
         return restored["state"], restored["data"]
+
+    def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
+        """`(step, state, data)` of the newest checkpoint that reads back, or None if there is none.
+
+        A checkpoint whose files are damaged (a disk error, a copy cut short) is moved aside to
+        `RUN_DIR/checkpoints_damaged/<step>` with a message, and the previous one is tried.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data = self.restore(step, target)
+                return int(step), state, data
+            except Exception as err:  # orbax/tensorstore raise many types for damaged files
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                moved = self._set_aside(step)
+                print(f"Checkpoint {step} in {self.directory} cannot be read ({reason}); moved to "
+                      f"{moved}; falling back to the previous checkpoint.", flush=True)
+        return None
+
+    def _set_aside(self, step: int) -> Path:
+        damaged = self.directory.parent / f"{self.directory.name}_damaged"
+        target = damaged / str(step)
+        if jax.process_index() == 0:
+            damaged.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = damaged / f"{step}-{len(list(damaged.iterdir()))}"
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"dpok_set_aside_{step}")
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

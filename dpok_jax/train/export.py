@@ -1,40 +1,151 @@
-"""`dpok export RUN_DIR OUT`: the latest checkpoint's policy as a Hugging Face Llama folder."""
+"""`dpok export RUN_DIR OUT`: a run's trained policy as a Hugging Face Llama folder (weights,
+config and tokenizer files), and `load_run_policy` for Python users (`dpok generate` uses it).
+
+Only the policy's parameters are read from the newest readable checkpoint (orbax partial restore:
+no optimizer state), onto this machine's first device, so a run trained on a pod exports on a laptop.
+Weights that are not all finite are refused, naming the checkpoint.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dpok_jax.config import load_config
+from dpok_jax.config import Config, load_config
+
+
+def _run_config(run_dir: Path) -> Config:
+    config_file = Path(run_dir) / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: is {run_dir} a dpok run folder?")
+    return load_config(config_file)
+
+
+def restore_policy_arrays(run_dir: Path) -> tuple[int, dict]:
+    """`(step, nested dict of numpy arrays)` of the policy in the newest checkpoint that reads back
+    (a damaged one is skipped with a message). Raises if there is none or its weights are not finite."""
+    ckpt_dir = (Path(run_dir) / "checkpoints").absolute()
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                       "data": ocp.JsonCheckpointHandler()})
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        for step in steps:
+            try:
+                meta = manager.item_metadata(step)["state"]
+                policy_meta = meta["params"]["policy"]
+                abstract = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                    policy_meta)
+                item = {"params": {"policy": abstract}}
+                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True)))
+            except Exception as err:  # damaged files: orbax/tensorstore raise many types
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                print(f"Checkpoint {step} in {ckpt_dir} cannot be read ({reason}); trying the "
+                      "previous one.", flush=True)
+                continue
+            policy = jax.tree.map(np.asarray, _unwrap_values(restored["state"]["params"]["policy"]))
+            bad = sum(int(np.size(x) - np.isfinite(x).sum()) for x in jax.tree.leaves(policy)
+                      if np.issubdtype(np.asarray(x).dtype, np.floating))
+            if bad:
+                raise ValueError(f"checkpoint {step} in {ckpt_dir} holds {bad} non-finite weights: "
+                                 "refusing to export a broken model")
+            return int(step), policy
+        raise FileNotFoundError(f"no readable checkpoint in {ckpt_dir} (tried steps {steps})")
+    finally:
+        manager.close()
+
+
+def load_run_policy(run_dir: str | Path) -> tuple[Any, Any, Config]:
+    """`(model, tokenizer, cfg)`: the run's trained policy as an NNX Llama on this machine."""
+    from dpok_jax import data as data_lib
+    from dpok_jax.train.run import model_skeleton, tokenizer_source
+
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    _, policy = restore_policy_arrays(run_dir)
+    tokenizer = data_lib.load_tokenizer(tokenizer_source(cfg))
+    model = model_skeleton(cfg, tokenizer)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jax.numpy.asarray, policy))
+    return nnx.merge(graphdef, params, rest), tokenizer, cfg
 
 
 def export_run(run_dir: Path, out: Path) -> Path:
-    from dpok_jax import data as data_lib
+    """Write the policy (safetensors + config.json) and its tokenizer files to `out`."""
     from dpok_jax.models import save_llama
-    from dpok_jax.train.run import _build_model, tokenizer_source
 
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: is {run_dir} a dpok run folder?")
-    cfg = load_config(config_file)
-    ckpt_dir = (run_dir / "checkpoints").absolute()
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    model = _build_model(cfg, data_lib.load_tokenizer(tokenizer_source(cfg)), None)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    nnx.replace_by_pure_dict(params, _unwrap_values(restored["state"]["params"]["policy"]))
-    save_llama(nnx.merge(graphdef, params, rest), out)
+    model, tokenizer, _ = load_run_policy(run_dir)
+    save_llama(model, out)
+    save_tokenizer(tokenizer, Path(out))
     return out
 
 
+def save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """Tokenizer files `transformers.AutoTokenizer.from_pretrained(out)` loads: a Hugging Face
+    tokenizer saves itself; the built-in byte tokenizer is written as an equivalent fast tokenizer."""
+    from dpok_jax.data.tokenizer import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        tokenizer = byte_tokenizer_as_hf()
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise ValueError(f"cannot save tokenizer {tokenizer!r}: it has no save_pretrained")
+    tokenizer.save_pretrained(str(out))
+
+
+def byte_tokenizer_as_hf():
+    """`ByteTokenizer` as a `transformers.PreTrainedTokenizerFast`: the same ids (byte b is id b;
+    <pad> 256, <s> 257, </s> 258) and the same chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from dpok_jax.data.tokenizer import ByteTokenizer
+
+    byte = ByteTokenizer()
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins of bytes, in no particular order
+    stand_in = _bytes_to_unicode()
+    assert sorted(stand_in.values()) == sorted(alphabet)
+    vocab = {stand_in[b]: b for b in range(256)}
+    vocab.update({byte.pad_token: byte.pad_token_id, byte.bos_token: byte.bos_token_id,
+                  byte.eos_token: byte.eos_token_id})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=byte.bos_token, eos_token=byte.eos_token,
+        pad_token=byte.pad_token, chat_template=template, model_max_length=1 << 30)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what tokenizers' ByteLevel uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
 def _unwrap_values(tree):
-    """Target-free restores keep NNX variables as `{"value": array}`; the pure dict has arrays."""
+    """Restores without an NNX target keep variables as `{"value": array}`; the pure dict has arrays."""
     if isinstance(tree, dict):
         if set(tree) == {"value"}:
             return tree["value"]

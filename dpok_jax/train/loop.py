@@ -1,17 +1,16 @@
 """The training loop: jitted, sharded steps; progress; metrics; held-out evaluation; checkpoints.
 
-Crash safety: checkpoints are saved every `train.checkpoint_every` steps (async) and on Ctrl-C
-(SIGINT sets a flag; the loop saves after the step in flight and exits). Resuming restores the
-state and the data position, so the resumed run produces the same losses as an uninterrupted one.
-`train.max_nonfinite` non-finite losses in a row stop the run with `TrainingDiverged`; the skipped
-steps never change the parameters (optax.apply_if_finite), and the last checkpoint is left intact.
+Crash safety: checkpoints are saved every `train.checkpoint_every` steps (async) and on SIGINT or
+SIGTERM (a flag; the loop saves after the step in flight and exits). Resuming restores the state, the
+data position and the partly filled metrics window, so the resumed run logs the same values as an
+uninterrupted one. `train.max_nonfinite` non-finite losses in a row (or non-finite parameters) stop
+the run with `TrainingDiverged`; skipped steps never change the parameters (optax.apply_if_finite),
+and a checkpoint is never written with non-finite parameters, so the last one saved is good.
 """
 
 from __future__ import annotations
 
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +22,7 @@ from jax.sharding import NamedSharding
 
 from dpok_jax.evaluation.preference import scores_by_task
 from dpok_jax.train.checkpoint import RunCheckpoints
+from dpok_jax.train.interrupts import StopRequest
 from dpok_jax.train.metrics_log import MetricsLog
 from dpok_jax.train.state import TrainState
 
@@ -38,33 +38,6 @@ class LoopResult:
     interrupted: bool = False
     eval_metrics: dict = field(default_factory=dict)
     skipped_steps: int = 0
-
-
-@contextmanager
-def sigint_flag():
-    """Yields a one-element list that becomes [True] on the first Ctrl-C (a second one aborts)."""
-    flag = [False]
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        if flag[0]:
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        flag[0] = True
-        print("\nInterrupted: saving a checkpoint after the current step (Ctrl-C again to abort).",
-              flush=True)
-
-    try:
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: no handler, plain KeyboardInterrupt semantics
-        pass
-    try:
-        yield flag
-    finally:
-        try:
-            signal.signal(signal.SIGINT, previous)
-        except ValueError:
-            pass
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
@@ -124,18 +97,26 @@ def run_loop(
     max_nonfinite: int,
     progress: bool = True,
     desc: str = "train",
+    stop: StopRequest | None = None,
     should_stop: Callable[[int], bool] | None = None,
 ) -> LoopResult:
-    """Train from `state` (or from the latest checkpoint in `run_dir`) up to `total_steps`."""
+    """Train from `state` (or from the latest good checkpoint in `run_dir`) up to `total_steps`.
+
+    `stop` (SIGINT/SIGTERM) or `should_stop(step)` end the loop after a step, with a checkpoint.
+    Checkpoints never hold non-finite parameters; the metrics window of a partly logged interval is
+    saved with the data position, so a resumed run logs the same averages as an uninterrupted one.
+    """
     run_dir = Path(run_dir)
+    stop = stop if stop is not None else StopRequest()
     ckpt = RunCheckpoints(run_dir / "checkpoints", keep=keep_checkpoints)
     log = MetricsLog(run_dir)
     start = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, state)
+    window: list[dict] = []
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        start, state, data_state = restored
+        window = [dict(m) for m in data_state.pop(_WINDOW_KEY, [])]
         batcher.restore(data_state)
-        start = int(latest)
         log.truncate_after(start)
         print(f"Resumed from {run_dir / 'checkpoints'} at step {start}.", flush=True)
 
@@ -146,48 +127,58 @@ def run_loop(
         return result
 
     bar = _progress(total_steps, start, desc, progress)
-    window: list[dict] = []
     t0, tokens = time.perf_counter(), 0.0
     step = start
+    last_saved = start if restored is not None else None
     try:
-        with sigint_flag() as interrupted:
-            while step < total_steps:
-                batch = to_global(next(batcher), sharding)
-                state, metrics = train_step(state, ref_params, batch)
-                step += 1
-                window.append(metrics)
-                consecutive = int(state.opt_state.notfinite_count)
-                if consecutive >= max_nonfinite:
-                    raise TrainingDiverged(
-                        f"{consecutive} non-finite losses in a row at step {step} (limit "
-                        f"train.max_nonfinite={max_nonfinite}); the parameters were not updated by "
-                        f"them and the last good checkpoint in {run_dir / 'checkpoints'} is intact. "
-                        "Lower optim.learning_rate or loss.beta, or check the data.")
-                if step % log_every == 0 or step == total_steps:
-                    host = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
-                    tokens += host.pop("tokens", 0.0) * len(window)
-                    host["tokens_per_s"] = tokens / elapsed
-                    host["skipped_total"] = float(state.opt_state.total_notfinite)
-                    log.write(step, "train", host)
-                    bar.set_postfix(loss=f"{host['loss']:.4f}",
-                                    acc=f"{host.get('rewards/accuracies', float('nan')):.3f}",
-                                    tok_s=f"{host['tokens_per_s']:.0f}")
-                    window = []
-                evaluated = None
-                if eval_every and (step % eval_every == 0 or step == total_steps):
-                    evaluated = evaluate(eval_step, state.params, ref_params, eval_batches(),
-                                         sharding, task_names)
-                    log.write(step, "eval", evaluated)
-                    result.eval_metrics = evaluated
-                stop_now = interrupted[0] or (should_stop is not None and should_stop(step))
-                if (checkpoint_every and step % checkpoint_every == 0) or stop_now \
-                        or step == total_steps:
-                    ckpt.save(step, state, batcher.state(), evaluated, force=True)
-                bar.update(1)
-                if stop_now:
-                    result.interrupted = True
-                    break
+        while step < total_steps:
+            batch = to_global(next(batcher), sharding)
+            state, metrics = train_step(state, ref_params, batch)
+            step += 1
+            window.append(metrics)
+            consecutive = int(state.opt_state.notfinite_count)
+            if consecutive >= max_nonfinite or (consecutive and not params_finite(state.params)):
+                why = (f"{consecutive} non-finite losses in a row at step {step} (limit "
+                       f"train.max_nonfinite={max_nonfinite})" if consecutive >= max_nonfinite else
+                       f"the parameters became non-finite at step {step}")
+                kept = (f"the last good checkpoint (step {last_saved}) in {run_dir / 'checkpoints'} "
+                        "is intact" if last_saved is not None else "no checkpoint was saved")
+                raise TrainingDiverged(
+                    f"{why}; no non-finite state is ever saved: {kept}. Lower "
+                    "optim.learning_rate or loss.beta, or check the data.")
+            if step % log_every == 0 or step == total_steps:
+                host = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                tokens += host.pop("tokens", 0.0) * len(window)
+                host["tokens_per_s"] = tokens / elapsed
+                host["skipped_total"] = float(state.opt_state.total_notfinite)
+                log.write(step, "train", host)
+                bar.set_postfix(loss=f"{host['loss']:.4f}",
+                                acc=f"{host.get('rewards/accuracies', float('nan')):.3f}",
+                                tok_s=f"{host['tokens_per_s']:.0f}")
+                window = []
+            evaluated = None
+            if eval_every and (step % eval_every == 0 or step == total_steps):
+                evaluated = evaluate(eval_step, state.params, ref_params, eval_batches(),
+                                     sharding, task_names)
+                log.write(step, "eval", evaluated)
+                result.eval_metrics = evaluated
+            if should_stop is not None and should_stop(step):
+                stop.request()
+            stop_now = stop.poll() is not None
+            if (checkpoint_every and step % checkpoint_every == 0) or stop_now \
+                    or step == total_steps:
+                if params_finite(state.params):
+                    data_state = dict(batcher.state())
+                    data_state[_WINDOW_KEY] = [{k: float(v) for k, v in m.items()} for m in window]
+                    ckpt.save(step, state, data_state, evaluated, force=True)
+                    last_saved = step
+                else:
+                    print(f"Step {step}: non-finite parameters, checkpoint not saved.", flush=True)
+            bar.update(1)
+            if stop_now:
+                result.interrupted = True
+                break
     finally:
         bar.close()
         ckpt.close()
@@ -196,6 +187,21 @@ def run_loop(
     result.final_step = step
     result.skipped_steps = int(state.opt_state.total_notfinite)
     return result
+
+
+_WINDOW_KEY = "metrics_window"
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def params_finite(params) -> bool:
+    """Every floating-point parameter is finite (one fused reduction on the devices)."""
+    return bool(_all_finite(params))
 
 
 def _progress(total: int, start: int, desc: str, enabled: bool):

@@ -14,25 +14,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dpok_jax import losses
+from dpok_jax.train.interrupts import Interrupted, StopRequest
 from dpok_jax.train.loop import _fetch, host_rows, to_global
 from dpok_jax.train.step import ModelFns, StepSpec, _pair_arrays, _sequence_reduce, pooled_embeddings
 
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_embedding_prompt",
              "ref_embedding_chosen", "ref_embedding_rejected")
-
-
-def _eval_batches(p, pairs, batch_size: int):
-    from dpok_jax.train.run import _batcher
-
-    return _batcher(pairs, p.cfg, batch_size, p.cfg.train.seed).iterate_once()
 
 
 def _reference_pass(fns: ModelFns, spec: StepSpec, top_k: int | None):
@@ -59,22 +56,28 @@ def _reference_pass(fns: ModelFns, spec: StepSpec, top_k: int | None):
     return jax.jit(fn)
 
 
-def training_embeddings(p, spec: StepSpec, *, max_pairs: int) -> tuple[np.ndarray, ...]:
-    """`e_x, e_{y+}, e_{y-}` of up to `max_pairs` training pairs, to fit kernel parameters."""
+def training_embeddings(*, fns: ModelFns, spec: StepSpec, params, batches: Iterable[dict],
+                        batch_sharding, max_pairs: int, stop: StopRequest | None = None
+                        ) -> tuple[np.ndarray, ...]:
+    """`e_x, e_{y+}, e_{y-}` of up to `max_pairs` training pairs (one in-order pass of `batches`,
+    from `PreferenceBatcher.iterate_once`), to fit kernel parameters.
+
+    Every host gets every host's rows, so all of them fit the same kernel parameters, and all run the
+    same number of batches, so the collectives of the jitted pass match.
+    """
     cols: dict[str, list] = {k: [] for k in ("prompt", "chosen", "rejected")}
     count = 0
-    fn = None if spec.embeddings == "dataset" else _reference_pass(p.fns, spec, None)
-    # Every host sees every host's rows (so all fit the same kernel parameters) and runs the same
-    # number of batches (so the collectives of the jitted pass match).
-    for batch in _eval_batches(p, p.train_pairs, p.cfg.train.batch_size):
-        valid = host_rows({"valid": batch["valid"]}, p.batch_sharding)["valid"].astype(bool)
+    fn = None if spec.embeddings == "dataset" else _reference_pass(fns, spec, None)
+    for batch in batches:
+        _check_stop(stop, "kernel fitting")
+        valid = host_rows({"valid": batch["valid"]}, batch_sharding)["valid"].astype(bool)
         if spec.embeddings == "dataset":
             if "embedding_prompt" not in batch:
                 raise ValueError("loss.embeddings=dataset needs embedding_prompt, embedding_chosen "
                                  "and embedding_rejected columns in the data")
-            got = host_rows({k: batch[f"embedding_{k}"] for k in cols}, p.batch_sharding)
+            got = host_rows({k: batch[f"embedding_{k}"] for k in cols}, batch_sharding)
         else:
-            out = fn(p.init_params, to_global(_model_inputs(batch), p.batch_sharding))
+            out = fn(params, to_global(_model_inputs(batch), batch_sharding))
             got = {k: _fetch(out[f"ref_embedding_{k}"]) for k in cols}
         for k in cols:
             cols[k].append(got[k][valid])
@@ -84,19 +87,53 @@ def training_embeddings(p, spec: StepSpec, *, max_pairs: int) -> tuple[np.ndarra
     return tuple(np.concatenate(cols[k])[:max_pairs].astype(np.float64) for k in cols)
 
 
+def _check_stop(stop: StopRequest | None, where: str) -> None:
+    if stop is not None and stop.poll() is not None:
+        raise Interrupted(stop.signum, f"{where} (nothing to save; the same command redoes it)")
+
+
 def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k.startswith(("chosen_", "rejected_"))}
 
 
 def params_digest(params: Any) -> str:
-    """A cheap content fingerprint (shape, dtype, sum and sum of squares per leaf)."""
+    """A content fingerprint of parameters, computed on the devices (multi-host safe): per leaf its
+    path, shape, dtype, sum, sum of squares and a position-weighted sum (so permuted or moved values
+    change it too)."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    stats = jax.jit(lambda ls: [(jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32))))
-                                for x in ls])([x for _, x in leaves])
+
+    def stats(ls):
+        out = []
+        for x in ls:
+            x = x.astype(jnp.float32)
+            w = jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) * 0.7548776662)
+            out.append(jnp.stack([jnp.sum(x), jnp.sum(jnp.square(x)), jnp.sum(x * w)]))
+        return out
+
+    values = jax.jit(stats)([x for _, x in leaves])
     h = hashlib.sha256()
-    for (path, x), (s, q) in zip(leaves, stats):
-        h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}:{float(s):.9e}:{float(q):.9e}".encode())
-    return h.hexdigest()[:16]
+    for (path, x), v in zip(leaves, values):
+        v = _fetch(v)
+        h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}:".encode() + v.tobytes())
+    return h.hexdigest()[:20]
+
+
+def pairs_digest(pairs) -> str:
+    """A fingerprint of tokenized pairs: every token id, task id, row index, the pad id and any
+    dataset embeddings (so a rewritten data file, or another tokenizer, never reuses a cache)."""
+    h = hashlib.sha256()
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        seqs = getattr(pairs, name)
+        h.update(name.encode() + np.asarray([len(x) for x in seqs], np.int64).tobytes())
+        if len(seqs):
+            h.update(np.concatenate([np.asarray(x, np.int64) for x in seqs]).tobytes())
+    for name in ("task_id", "example_index"):
+        h.update(name.encode() + np.asarray(getattr(pairs, name), np.int64).tobytes())
+    h.update(f"pad={pairs.pad_token_id};max_length={pairs.max_length};"
+             f"tasks={list(pairs.task_names)}".encode())
+    for key in sorted(pairs.embeddings):
+        h.update(key.encode() + np.ascontiguousarray(pairs.embeddings[key], np.float32).tobytes())
+    return h.hexdigest()[:20]
 
 
 @dataclasses.dataclass
@@ -143,34 +180,44 @@ class _CachedBatcher:
         self.batcher.restore(state)
 
 
-def precomputed_reference(p, spec: StepSpec, ref_params, run_dir: Path, *, split: str = "train"
+def cache_path(cache_dir: Path, *, split: str, pairs, ref_params, spec: StepSpec,
+               top_k: int | None, width: int, model: dict) -> Path:
+    """`cache_dir/<split>-<fingerprint>.npz`: the fingerprint covers the tokenized data's content,
+    the reference parameters' content and every setting that changes the cached values."""
+    key = json.dumps(dict(data=pairs_digest(pairs), params=params_digest(ref_params), split=split,
+                          top_k=top_k, width=width, reduction=spec.logp_reduction,
+                          embeddings=spec.embeddings, model=model, version=2),
+                     sort_keys=True, default=str)
+    return Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+
+
+def precomputed_reference(*, fns: ModelFns, spec: StepSpec, ref_params, pairs,
+                          batches: Iterable[dict], batch_sharding, path: Path, top_k: int | None,
+                          width: int, progress: bool = True, stop: StopRequest | None = None
                           ) -> ReferenceCache:
-    """Load or compute the reference cache of one split (one pass over the data)."""
-    cfg = p.cfg
-    pairs = p.train_pairs if split == "train" else p.eval_pairs
-    top_k = cfg.reference.top_k if spec.uses_divergence else None
-    key = json.dumps(dict(data=dataclasses.asdict(cfg.data), model=dataclasses.asdict(cfg.model),
-                          split=split, top_k=top_k, reduction=spec.logp_reduction,
-                          params=params_digest(ref_params)), sort_keys=True, default=str)
-    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:20]
-    cache_dir = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else \
-        Path(run_dir).parent / ".reference_cache"
-    path = cache_dir / f"{split}-{fingerprint}.npz"
+    """Load the reference cache at `path`, or compute it with one in-order pass (`batches`, from
+    `PreferenceBatcher.iterate_once`) and save it there.
+
+    Every host gathers every host's rows (any host's batcher later draws any example) and writes the
+    same file atomically (a host-unique temporary, then a rename), so the cache is complete whether
+    the hosts share a filesystem or not, and any process count reads it back.
+    """
+    path = Path(path)
     if path.exists():
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
+        print(f"Reference values loaded from {path}.", flush=True)
         return ReferenceCache(arrays, int(arrays.pop("_width")))
-    fn = _reference_pass(p.fns, spec, top_k)
-    buckets = sorted(cfg.data.buckets)
-    width = next(b for b in buckets if b >= cfg.data.max_length) - 1
+    fn = _reference_pass(fns, spec, top_k)
     arrays: dict[str, np.ndarray] = {}
+    n = int(np.max(pairs.example_index)) + 1
     from tqdm.auto import tqdm
 
-    batches = _eval_batches(p, pairs, cfg.train.batch_size)
-    for batch in tqdm(batches, desc=f"reference pass ({split})", disable=not cfg.train.progress):
-        # Gathered from every host: each host's batcher later draws any example, so each needs all.
-        out = jax.tree.map(_fetch, fn(ref_params, to_global(_model_inputs(batch), p.batch_sharding)))
-        rows = host_rows({k: batch[k] for k in ("valid", "example_index")}, p.batch_sharding)
+    show = progress and jax.process_index() == 0
+    for batch in tqdm(batches, desc=f"reference pass ({path.name.split('-')[0]})", disable=not show):
+        _check_stop(stop, "the reference pass")
+        out = jax.tree.map(_fetch, fn(ref_params, to_global(_model_inputs(batch), batch_sharding)))
+        rows = host_rows({k: batch[k] for k in ("valid", "example_index")}, batch_sharding)
         valid = rows["valid"].astype(bool)
         idx = rows["example_index"][valid]
         for k, v in out.items():
@@ -180,12 +227,10 @@ def precomputed_reference(p, spec: StepSpec, ref_params, run_dir: Path, *, split
                 pad[2] = (0, width - v.shape[2])
                 v = np.pad(v, pad)
             if k not in arrays:
-                n = int(max(pairs.example_index)) + 1 if hasattr(pairs, "example_index") else len(pairs)
-                arrays[k] = np.zeros((max(n, int(idx.max()) + 1),) + v.shape[1:], v.dtype)
+                arrays[k] = np.zeros((n,) + v.shape[1:], v.dtype)
             arrays[k][idx] = v
-    if jax.process_index() == 0:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, _width=np.array(width), **arrays)
-        tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{socket.gethostname()}-{os.getpid()}.npz")
+    np.savez(tmp, _width=np.array(width), **arrays)
+    tmp.replace(path)
     return ReferenceCache(arrays, width)

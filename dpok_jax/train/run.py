@@ -23,7 +23,7 @@ from flax import nnx
 from dpok_jax import config as config_lib
 from dpok_jax import data as data_lib
 from dpok_jax import losses, selection, sharding
-from dpok_jax.models import ModelConfig, init_llama, load_llama
+from dpok_jax.models import Llama, ModelConfig, init_llama, load_llama, read_config
 from dpok_jax.train import reference as reference_lib
 from dpok_jax.train import run_folder
 from dpok_jax.train import sft as sft_lib
@@ -88,10 +88,12 @@ def tokenizer_source(cfg: config_lib.Config) -> str:
     return cfg.data.tokenizer
 
 
-def _build_model(cfg: config_lib.Config, tokenizer, mesh):
+def model_config(cfg: config_lib.Config, tokenizer) -> ModelConfig:
+    """The Llama's hyperparameters: from `model.path`'s config.json, else the preset (with size
+    overrides) and a vocabulary that covers the tokenizer."""
     m = cfg.model
     if m.path is not None:
-        return load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        return read_config(m.path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     overrides = {k: v for k, v in dataclasses.asdict(m).items()
                  if k in {"hidden_size", "intermediate_size", "num_layers", "num_heads",
                           "num_kv_heads", "head_dim"} and v is not None}
@@ -103,9 +105,24 @@ def _build_model(cfg: config_lib.Config, tokenizer, mesh):
     # Padded to a multiple of 64 so the vocabulary axis divides over tensor-parallel meshes; the
     # extra ids never occur as labels.
     vocab = -(-vocab // 64) * 64
-    model_cfg = constructor(vocab_size=vocab, dtype=m.dtype, param_dtype=m.param_dtype,
-                            remat=m.remat, **overrides)
-    return init_llama(model_cfg, seed=cfg.train.seed, mesh=mesh)
+    return constructor(vocab_size=vocab, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                       **overrides)
+
+
+def _build_model(cfg: config_lib.Config, tokenizer, mesh):
+    m = cfg.model
+    if m.path is not None:
+        return load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+    return init_llama(model_config(cfg, tokenizer), seed=cfg.train.seed, mesh=mesh)
+
+
+def model_skeleton(cfg: config_lib.Config, tokenizer):
+    """The run's Llama with abstract parameters (nothing allocated), to restore trained weights into.
+    A `model.path` that is not a Hugging Face folder (a .gguf file) is loaded instead."""
+    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
+        return _build_model(cfg, tokenizer, None)
+    config = model_config(cfg, tokenizer)
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
 
 
 def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = None) -> Prepared:
@@ -275,33 +292,80 @@ def host_blas_single_threaded():
         yield
 
 
-def run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
-    """Train (and optionally the DPO baseline), print the accuracy table, write summary.json."""
+def run(cfg: config_lib.Config, *, should_stop=None, devices=None,
+        allow_changes: tuple[str, ...] = ()) -> dict:
+    """Train (and optionally the DPO baseline), print the accuracy table, write summary.json.
+
+    The run folder is locked for the whole run; a folder holding a run trained with other settings
+    is refused (`allow_changes` names the few keys that may change on purpose, e.g. `train.steps`).
+    SIGINT/SIGTERM in any phase save what can be saved and return with `summary["interrupted"]` and
+    `summary["exit_status"]` (130 / 143).
+    """
     if cfg.mesh.distributed:
         # Before anything touches a JAX backend (host_blas_single_threaded asks which one it is).
         m = cfg.mesh
         jax.distributed.initialize(coordinator_address=m.coordinator_address,
                                    num_processes=m.num_processes, process_id=m.process_id)
-    with host_blas_single_threaded():
-        return _run(cfg, should_stop=should_stop, devices=devices)
+    run_dir = run_folder.prepare_run_dir(cfg.run_dir)
+    lock = run_folder.RunFolderLock(run_dir) if jax.process_index() == 0 else None
+    with contextlib.ExitStack() as stack:
+        if lock is not None:
+            stack.enter_context(lock)
+        run_folder.check_resume_config(cfg, run_dir, allow=tuple(allow_changes))
+        _barrier("dpok_config_checked")
+        if jax.process_index() == 0:
+            run_folder.record_config(cfg, run_dir)
+        stop = stack.enter_context(StopRequest())
+        stack.enter_context(host_blas_single_threaded())
+        try:
+            return _run(cfg, should_stop=should_stop, devices=devices, stop=stop)
+        except Interrupted as err:
+            print(f"Stopped: {err}.", flush=True)
+            return {"interrupted": True, "interrupted_by": _signal_name(err.signum),
+                    "exit_status": EXIT_STATUS.get(err.signum, 130), "phase": str(err)}
 
 
-def _run(cfg: config_lib.Config, *, should_stop=None, devices=None) -> dict:
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum else "SIGINT"
+
+
+def _run(cfg: config_lib.Config, *, should_stop=None, devices=None,
+         stop: StopRequest | None = None) -> dict:
+    stop = stop if stop is not None else StopRequest()
     run_dir = Path(cfg.run_dir)
-    p = prepare(cfg, devices=devices)
+    p = prepare(cfg, devices=devices, stop=stop)
     cfg = p.cfg = selection.resolve_auto(p)  # loss.kernel / loss.divergence "auto" (SPEC §9)
     runs: dict[str, LoopResult] = {}
     label = _label(cfg)
-    runs[label] = train_one(p, cfg, run_dir, should_stop=should_stop)
+    runs[label] = train_one(p, cfg, run_dir, should_stop=should_stop, stop=stop)
     if cfg.train.compare_with_dpo and not runs[label].interrupted:
         base = dpo_baseline_config(cfg)
-        runs["dpo"] = train_one(p, base, Path(base.run_dir), should_stop=should_stop)
+        base_dir = Path(base.run_dir)
+        run_folder.prepare_run_dir(base_dir)
+        run_folder.check_resume_config(base, base_dir)
+        if jax.process_index() == 0:
+            run_folder.record_config(base, base_dir)
+        runs["dpo"] = train_one(p, base, base_dir, should_stop=should_stop, stop=stop)
+    interrupted = any(r.interrupted for r in runs.values())
     summary = dict(runs[label].eval_metrics)
     summary["run"] = label
     summary["steps"] = runs[label].final_step
     summary["skipped_steps"] = runs[label].skipped_steps
-    summary["interrupted"] = runs[label].interrupted
+    summary["interrupted"] = interrupted
+    if interrupted:
+        summary["interrupted_by"] = _signal_name(stop.signum)
+        summary["exit_status"] = EXIT_STATUS.get(stop.signum, 130)
     if "dpo" in runs:
+        summary["baseline/steps"] = runs["dpo"].final_step
         summary.update({f"baseline/{k}": v for k, v in runs["dpo"].eval_metrics.items()})
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
