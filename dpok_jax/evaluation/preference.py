@@ -60,3 +60,26 @@ def scores_by_task(
     if per_task:
         out["eval/accuracy/mean_over_tasks"] = float(np.mean(per_task))
     return out
+
+
+def margin_stats(reward_margins: np.ndarray, task_ids: np.ndarray,
+                 task_names: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """Mean and standard deviation of the implicit-reward margin `r+ − r−`, overall and per task
+    (`eval/reward_margin`, `eval/reward_margin_std`, `eval/reward_margin/<task>`).
+
+    >>> out = margin_stats(np.array([1.0, 3.0, -1.0]), np.array([0, 0, 1]), ["a", "b"])
+    >>> out["eval/reward_margin"], out["eval/reward_margin/a"], out["eval/reward_margin/b"]
+    (1.0, 2.0, -1.0)
+    """
+    m = np.asarray(reward_margins, np.float64).reshape(-1)
+    t = np.asarray(task_ids).reshape(-1)
+    if m.size == 0 or m.shape != t.shape:
+        raise ValueError(f"margin_stats: {m.shape} margins and {t.shape} task ids")
+    if not np.all(np.isfinite(m)):
+        bad = int(np.flatnonzero(~np.isfinite(m))[0])
+        raise ValueError(f"margin_stats: reward margin of pair {bad} is not finite ({m[bad]})")
+    out = {"eval/reward_margin": float(m.mean()), "eval/reward_margin_std": float(m.std())}
+    for tid, name in enumerate(task_names):
+        if (t == tid).any():
+            out[f"eval/reward_margin/{name}"] = float(m[t == tid].mean())
+    return out
