@@ -4,7 +4,7 @@
     dpok export RUN_DIR OUT                      write the trained policy as a Hugging Face checkpoint
     dpok select [--config FILE | --data PATH [--model DIR]] [key=value ...]   kernel/divergence rule
     dpok eval RUN_DIR [--data FILE] [--step N]   accuracy/F1, margins, Davies-Bouldin, weighted alpha
-    dpok eval RUN_DIR [--data FILE] [--step N]   accuracy/F1, margins, Davies-Bouldin, weighted alpha
+    dpok report RUN_DIR [--out DIR]              PNG plots + report.md (headless)
 """
 
 from __future__ import annotations
@@ -78,14 +78,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    """`dpok eval`: accuracy/F1 (per task), reward margins, Davies-Bouldin, weighted alpha."""
-    from dpok_jax.evaluation.run_eval import evaluate_run, format_eval, save_eval
+def _report(args: argparse.Namespace) -> int:
+    """`dpok report`: PNG plots of a run and a Markdown summary linking them."""
+    from dpok_jax.report import write_report
 
-    result = evaluate_run(args.run_dir, data=args.data, step=args.step, overrides=args.overrides)
-    print(format_eval(result))
-    out = save_eval(result, args.out or Path(args.run_dir) / "eval.json")
-    print(f"Evaluation written to {out}")
+    path = write_report(Path(args.run_dir), args.out)
+    print(f"Report written to {path}")
     return 0
 
 
@@ -124,13 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", type=Path, default=None, help="JSON file (default RUN_DIR/eval.json)")
     ev.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.max_eval_examples=200")
     ev.set_defaults(func=_eval)
-    ev = sub.add_parser("eval", help="held-out metrics of a trained run (SPEC §10)")
-    ev.add_argument("run_dir")
-    ev.add_argument("--data", default=None, help="held-out pairs to use instead of the run's (a file)")
-    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    ev.add_argument("--out", type=Path, default=None, help="JSON file (default RUN_DIR/eval.json)")
-    ev.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.max_eval_examples=200")
-    ev.set_defaults(func=_eval)
+    rep = sub.add_parser("report", help="plots and a Markdown summary of a run (headless)")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/report)")
+    rep.set_defaults(func=_report)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
