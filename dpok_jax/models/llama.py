@@ -383,6 +383,25 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _sharded_param(var: nnx.Variable) -> jax.Array:
+    """A parameter's value under a sharding constraint to its logical axes (inside
+    `dpok_jax.sharding.activation_mesh`; the value itself otherwise). The constraint's transpose
+    puts the gradient in the parameter's sharding where it is produced."""
+    return constrain(var[...], var.get_metadata().get("out_sharding") or (None,) * var[...].ndim)
+
+
+def _sharded_layer_param(var: nnx.Variable) -> nnx.Variable:
+    """`_sharded_param` for one layer's slice of a stacked parameter (its leading ``layers`` axis
+    consumed by the scan)."""
+    axes = tuple(var.get_metadata().get("out_sharding") or ())
+    value = var[...]
+    if len(axes) == value.ndim + 1:
+        axes = axes[1:]
+    if len(axes) != value.ndim:
+        return var
+    return var.replace(constrain(value, axes))
+
+
 def _remat_policy(name: str):
     return {
         "full": None,
@@ -432,11 +451,11 @@ class Llama(nnx.Module):
 
     def input_embeddings(self) -> jax.Array:
         """The token embedding table ``[V, H]``."""
-        return self.embed[...]
+        return _sharded_param(self.embed)
 
     def unembedding(self) -> jax.Array:
         """The output projection ``[H, V]`` (the embedding table transposed when tied)."""
-        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return _sharded_param(self.embed).T if self.lm_head is None else _sharded_param(self.lm_head)
 
     def __call__(
         self,
@@ -466,12 +485,16 @@ class Llama(nnx.Module):
         mask = attention_mask  # [B, S] key padding; the layers add the causal mask
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
 
-        x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dt), _BTH)  # [B, T, H]
+        x = constrain(jnp.take(self.input_embeddings(), input_ids, axis=0).astype(dt), _BTH)  # [B, T, H]
 
         layer_def, layer_state = nnx.split(self.layers)
 
         def body(h, state):
             h = constrain(h, _BTH)
+            # Each layer's weights pinned to their own sharding: in the backward pass the same
+            # constraint lands on their gradients, which are then reduce-scattered over fsdp layer
+            # by layer instead of summed at full size.
+            state = jax.tree.map(_sharded_layer_param, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
             return nnx.merge(layer_def, state)(h, cos, sin, mask), None
 
         if cfg.remat != "none":

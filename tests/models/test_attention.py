@@ -1,0 +1,114 @@
+"""Attention (`dpok_jax.models.attention`) against a float64 NumPy reference: causal + padding
+masks (left and right), grouped-query heads, explicit 3-D masks, and the platform choice."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpok_jax.models.attention import dot_product_attention, implementation_for
+
+
+def _reference(q, k, v, allowed):
+    """float64: softmax(q k^T / sqrt(D)) v per query head, kv head = head // group; NaN rows where
+    nothing is allowed. q [B,T,N,D], k/v [B,S,K,D], allowed [B,T,S] bool."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, n, d = q.shape
+    group = n // k.shape[2]
+    out = np.full((b, t, n, d), np.nan)
+    for h in range(n):
+        kh, vh = k[:, :, h // group], v[:, :, h // group]  # [B, S, D]
+        scores = np.einsum("btd,bsd->bts", q[:, :, h], kh) / np.sqrt(d)
+        scores = np.where(allowed, scores, -np.inf)
+        has_key = allowed.any(-1)
+        m = np.where(has_key, scores.max(-1), 0.0)[..., None]
+        w = np.where(allowed, np.exp(scores - m), 0.0)
+        probs = w / np.where(has_key, w.sum(-1), 1.0)[..., None]
+        out[:, :, h] = np.where(has_key[..., None], np.einsum("bts,bsd->btd", probs, vh), np.nan)
+    return out
+
+
+def _inputs(b=3, t=7, n=4, kv=2, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, n, d)).astype(np.float32)
+    k = rng.standard_normal((b, t, kv, d)).astype(np.float32)
+    v = rng.standard_normal((b, t, kv, d)).astype(np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left_padded", "right_padded"])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
+def test_causal_padded_attention_equals_float64_reference(left, heads):
+    n, kv = heads
+    q, k, v = _inputs(n=n, kv=kv)
+    lengths = np.array([7, 4, 1])
+    pos = np.arange(7)
+    key_mask = (pos[None] >= 7 - lengths[:, None]) if left else (pos[None] < lengths[:, None])
+    got = np.asarray(jax.jit(dot_product_attention)(q, k, v, key_mask))
+    allowed = np.tril(np.ones((7, 7), bool))[None] & key_mask[:, None, :]
+    ref = _reference(q, k, v, allowed)
+    rows = ~np.isnan(ref[..., 0, 0])  # queries with at least one visible key
+    assert rows.sum() < rows.size if left else rows.all()  # left padding leaves rows with no key
+    np.testing.assert_allclose(got[rows], ref[rows], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(got).all()  # padded rows finite (and unused)
+
+
+def test_explicit_3d_mask_is_used_as_given():
+    q, k, v = _inputs(t=5)
+    rng = np.random.default_rng(3)
+    allowed = rng.random((3, 5, 5)) < 0.6
+    allowed[:, :, 0] = True  # every query sees something
+    got = np.asarray(dot_product_attention(q, k, v, allowed))
+    np.testing.assert_allclose(got, _reference(q, k, v, allowed), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_equal_the_reference_attention():
+    """d/dq,k,v of sum(out * w) through the XLA path equals a plain float32 einsum implementation."""
+    q, k, v = _inputs(t=6)
+    key_mask = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)
+    allowed = np.tril(np.ones((6, 6), bool))[None] & key_mask[:, None, :]
+    w = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+    valid = allowed.any(-1)[:, :, None, None]
+
+    def plain(q, k, v):
+        g = q.shape[2] // k.shape[2]
+        kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+        s = jnp.einsum("btnd,bsnd->bnts", q, kk) / np.sqrt(q.shape[-1])
+        s = jnp.where(allowed[:, None], s, -1e30)
+        return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(s, -1), vv)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(jnp.where(valid, f(q, k, v) * w, 0.0))
+
+    got = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, key_mask)), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_masks_and_implementations_are_errors():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match=r"\[B, S\] or \[B, T, S\]"):
+        dot_product_attention(q, k, v, np.ones((3,), bool))
+    with pytest.raises(ValueError, match="implies causal self-attention"):
+        dot_product_attention(q[:, :3], k, v, np.ones((3, 7), bool))
+    with pytest.raises(ValueError, match="'xla' or 'cudnn'"):
+        dot_product_attention(q, k, v, np.ones((3, 7), bool), implementation="flash")
+
+
+def test_platform_choice():
+    assert implementation_for("cpu", jnp.float32) == "xla"
+    assert implementation_for("tpu", jnp.bfloat16) == "xla"  # no tested Pallas kernel yet
+    assert implementation_for("gpu", jnp.bfloat16) == "cudnn"
+    assert implementation_for("gpu", jnp.float32) == "xla"  # cuDNN flash attention is fp16/bf16 only
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_matches_xla():
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in _inputs(b=2, t=128, n=8, kv=2, d=64))
+    key_mask = np.ones((2, 128), bool)
+    key_mask[1, 100:] = False
+    fused = dot_product_attention(q, k, v, key_mask, implementation="cudnn")
+    xla = dot_product_attention(q, k, v, key_mask, implementation="xla")
+    np.testing.assert_allclose(np.asarray(fused, np.float32)[:, :100], np.asarray(xla, np.float32)[:, :100],
+                               atol=2e-2)
