@@ -5,6 +5,7 @@
     dpok select [--config FILE | --data PATH [--model DIR]] [key=value ...]   kernel/divergence rule
     dpok eval RUN_DIR [--data FILE] [--step N]   accuracy/F1, margins, Davies-Bouldin, weighted alpha
     dpok report RUN_DIR [--out DIR]              PNG plots + report.md (headless)
+    dpok plan [--config FILE] [--devices N --device-kind v5e|v5p|h100|a100] [key=value ...]   memory plan
 """
 
 from __future__ import annotations
@@ -91,6 +92,14 @@ def default_config_path() -> Path:
     return Path(__file__).parent / "configs" / "default.yaml"
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from dpok_jax.plan import run_plan
+
+    plan = run_plan(args.config, args.overrides, devices=args.devices, device_kind=args.device_kind,
+                    hbm_gib=args.hbm_gib, headroom=args.headroom, as_json=args.json)
+    return 0 if plan.fits in (True, None) else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpok", description="DPO-Kernels training in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("run_dir")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/report)")
     rep.set_defaults(func=_report)
+    from dpok_jax.plan import add_arguments as add_plan_arguments
+
+    plan = sub.add_parser("plan", help="will the config's train step fit its devices? (compiled ahead "
+                                       "of time on fake CPU devices; exit 3 when it does not fit)")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_plan)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
