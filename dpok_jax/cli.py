@@ -5,6 +5,7 @@
     dpok select [--config FILE | --data PATH [--model DIR]] [key=value ...]   kernel/divergence rule
     dpok eval RUN_DIR [--data FILE] [--step N]   accuracy/F1, margins, Davies-Bouldin, weighted alpha
     dpok report RUN_DIR [--out DIR]              PNG plots + report.md (headless)
+    dpok sweep [--config FILE] [--out DIR] [--seeds 0,1] [key=value ...]   kernel x divergence grid
     dpok plan [--config FILE] [--devices N --device-kind v5e|v5p|h100|a100] [key=value ...]   memory plan
 """
 
@@ -88,6 +89,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """`dpok sweep`: the kernel x divergence grid over seeds; resumable; CSV, heatmaps, sweep.md."""
+    from dpok_jax import sweep
+    from dpok_jax.config import load_config
+
+    out = Path(args.out)
+    overrides = list(args.overrides)
+    if args.config is None:
+        from dpok_jax.data.synthetic_hard import write_hard_tasks
+
+        data = out / "data"
+        if not (data / "test.jsonl").exists():
+            write_hard_tasks(data, seed=0)
+        overrides = [*sweep.SWEEP_DEFAULTS, f"data.source={data}", *overrides]
+    cfg = load_config(args.config or default_config_path(), overrides)
+    split = (lambda s: tuple(x for x in s.split(",") if x))  # noqa: E731
+    cells = sweep.grid(split(args.kernels), split(args.divergences), split(args.rewards))
+    seeds = tuple(int(s) for s in split(args.seeds))
+    path = sweep.run_sweep(cfg, out, seeds=seeds, cells=cells)
+    print(f"Sweep tables and heatmaps: {path}")
+    return 0
+
+
 def default_config_path() -> Path:
     return Path(__file__).parent / "configs" / "default.yaml"
 
@@ -101,6 +125,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dpok_jax.sweep import DIVERGENCE_COLUMNS, IMPLICIT_REWARDS, KERNEL_ROWS
+
     parser = argparse.ArgumentParser(prog="dpok", description="DPO-Kernels training in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a policy (no arguments: the embedded default)")
@@ -135,6 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("run_dir")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/report)")
     rep.set_defaults(func=_report)
+    sw = sub.add_parser("sweep", help="train the kernel x divergence grid over seeds (resumable)")
+    sw.add_argument("--config", type=Path, default=None,
+                    help="base YAML (default: the embedded default + the sweep's small budget on the "
+                         "harder synthetic tasks)")
+    sw.add_argument("--out", default="runs/sweep", help="sweep folder (results.csv, heatmaps, sweep.md)")
+    sw.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    sw.add_argument("--kernels", default=",".join(KERNEL_ROWS), help="comma-separated grid rows")
+    sw.add_argument("--divergences", default=",".join(DIVERGENCE_COLUMNS), help="grid columns")
+    sw.add_argument("--rewards", default=",".join(IMPLICIT_REWARDS),
+                    help="implicit f-DPO rewards trained as extra cells ('' for none)")
+    sw.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    sw.set_defaults(func=_sweep)
     from dpok_jax.plan import add_arguments as add_plan_arguments
 
     plan = sub.add_parser("plan", help="will the config's train step fit its devices? (compiled ahead "
