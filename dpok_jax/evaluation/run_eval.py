@@ -59,11 +59,14 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, step: int | No
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: is {run_dir} a dpok run folder?")
-    extra = [f"run_dir={run_dir}"] + ([f"data.eval_source={data}"] if data else []) + list(overrides)
-    cfg = load_config(config_file, extra)
+    cfg = load_config(config_file, [f"run_dir={run_dir}", *overrides])
     with host_blas_single_threaded():
         p = prepare(cfg)
         cfg = p.cfg = selection.resolve_auto(p)  # a run trained with `auto` records its choice
+        eval_pairs, task_names = p.eval_pairs, p.task_names
+        if data is not None:
+            eval_pairs = _load_pairs(data, cfg, p.tokenizer)
+            task_names = list(eval_pairs.task_names)
         ckpt_step, policy_pure, kernel = restore_params(run_dir, step)
         policy = jax.tree.map(jnp.copy, p.init_params)
         nnx.replace_by_pure_dict(policy, policy_pure)
@@ -80,7 +83,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, step: int | No
 
         trainable = {"policy": policy, "kernel": {k: jnp.asarray(v) for k, v in kernel.items()}}
         cols: dict[str, list] = {}
-        for batch in _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed).iterate_once():
+        for batch in _batcher(eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed).iterate_once():
             g = to_global(batch, p.batch_sharding)
             out = jax.tree.map(_fetch, eval_step(trainable, p.init_params, g))
             valid = out["valid"].astype(bool)
@@ -93,8 +96,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, step: int | No
                 cols.setdefault(k, []).append(np.asarray(v)[valid])
         c = {k: np.concatenate(v) for k, v in cols.items()}
         result = {"run_dir": str(run_dir), "checkpoint_step": ckpt_step, "eval_data": data or "run's"}
-        result.update(scores_by_task(c["margin"], c["task"], p.task_names))
-        result.update(margin_stats(c["reward_margin"], c["task"], p.task_names))
+        result.update(scores_by_task(c["margin"], c["task"], task_names))
+        result.update(margin_stats(c["reward_margin"], c["task"], task_names))
         result["eval/davies_bouldin"] = davies_bouldin(c["pol_pos"], c["pol_neg"])
         result["eval/davies_bouldin_reference"] = davies_bouldin(c["ref_pos"], c["ref_neg"])
         wa = weighted_alpha(named_matrices(jax.tree.map(_fetch, nnx.to_pure_dict(policy))))
@@ -103,6 +106,21 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, step: int | No
         result["eval/weighted_alpha_reference"] = wa_ref["weighted_alpha"]
         result["weighted_alpha_layers"] = {k: v["alpha"] for k, v in wa["layers"].items()}
     return result
+
+
+def _load_pairs(path: str, cfg, tokenizer):
+    """Held-out pairs from a file or folder (its `data.eval_split`), tokenized like the run's."""
+    from dpok_jax import data as data_lib
+
+    ds = data_lib.load_preference_dataset(path, split=cfg.data.eval_split, format=cfg.data.format,
+                                          tokenizer=tokenizer)
+    pairs, report = data_lib.tokenize_pairs(ds, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                                            max_length=cfg.data.max_length, strict=cfg.data.strict)
+    if report.total_skipped:
+        print(f"[--data {path}] {report.summary()}", flush=True)
+    if len(pairs) == 0:
+        raise ValueError(f"--data {path}: no usable pairs: {report.summary()}")
+    return pairs
 
 
 def format_eval(result: dict) -> str:
