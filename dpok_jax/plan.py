@@ -126,8 +126,9 @@ class Plan:
             f"plan: {self.config}",
             f"  model {self.model}; mesh {mesh} ({self.devices} devices); batch {self.batch_size} pairs "
             f"x {self.seq_len} tokens, grad_accum {self.grad_accum}, remat {self.remat}",
-            f"  compiled ahead of time on {self.devices} fake CPU devices in {self.compile_seconds:.0f} s "
-            "(per-device bytes are the CPU compiler's buffer assignment: an estimate)",
+            f"  compiled ahead of time for {self.devices} devices in {self.compile_seconds:.0f} s "
+            "(on fake CPU devices the per-device bytes are the CPU compiler's buffer assignment: an "
+            "estimate)",
             "  per device:",
             f"    arguments (state, batch)    {gib(self.argument_bytes)}",
             f"    outputs not donated         {gib(max(self.output_bytes - self.alias_bytes, 0))}",
@@ -327,12 +328,16 @@ def plan_config(cfg, *, config_name: str = "", device_kind: str | None = None, h
     t0 = time.perf_counter()
     lowered, info = lower_train_step(cfg, devices)
     compiled = lowered.compile()
-    seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
     if hbm_bytes is None and device_kind is not None:
         if device_kind not in DEVICE_HBM:
             raise ValueError(f"--device-kind {device_kind!r}: expected one of {', '.join(DEVICE_HBM)}")
         hbm_bytes = DEVICE_HBM[device_kind]
+    return _plan(cfg, compiled, info, config_name=config_name, device_kind=device_kind, hbm_bytes=hbm_bytes,
+                 headroom=headroom, seconds=time.perf_counter() - t0)
+
+
+def _plan(cfg, compiled, info, *, config_name, device_kind, hbm_bytes, headroom, seconds) -> Plan:
+    mem = compiled.memory_analysis()
     return Plan(config=config_name, model=info["model"], mesh=info["mesh"], devices=info["devices"],
                 device_kind=device_kind, hbm_bytes=hbm_bytes, batch_size=cfg.train.batch_size,
                 seq_len=seq_len(cfg), grad_accum=cfg.optim.grad_accum, remat=info["remat"],
@@ -340,6 +345,33 @@ def plan_config(cfg, *, config_name: str = "", device_kind: str | None = None, h
                 alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                 held_bytes=int(info["held"]), flops_per_device=_flops(compiled), compile_seconds=seconds,
                 headroom=headroom, notes=info["notes"])
+
+
+def check_fits(cfg, spec, train_step, state, ref_params, mesh, *, headroom: float = 0.0) -> Plan:
+    """Before training on an accelerator: compile ``train_step`` (the jitted step `dpok train` runs)
+    for the real devices ahead of time and raise ValueError with the plan when its per-device bytes
+    exceed the device's memory (``memory_stats()["bytes_limit"]``). Returns the `Plan`.
+
+    ``state`` and ``ref_params`` may be concrete or abstract; the batch is the config's largest.
+    """
+    import jax
+
+    t0 = time.perf_counter()
+    hidden = int(jax.tree.leaves(state.params["policy"]["final_norm"])[0].shape[0])
+    batch = abstract_batch(cfg, spec, hidden, mesh)
+    compiled = train_step.lower(state, ref_params, batch).compile()
+    stats = [d.memory_stats() or {} for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    limits = [s["bytes_limit"] for s in stats if "bytes_limit" in s]
+    held = _per_device_bytes(ref_params, jax.tree.map(lambda x: x.sharding, ref_params)) \
+        if spec.reference == "precomputed" else 0
+    info = dict(model=cfg.model.path or cfg.model.preset, mesh=dict(mesh.shape), devices=mesh.size,
+                held=held, notes=[], remat=cfg.model.remat)
+    plan = _plan(cfg, compiled, info, config_name="(dpok train)", device_kind=mesh.devices.flat[0].device_kind,
+                 hbm_bytes=min(limits) if limits else None, headroom=headroom,
+                 seconds=time.perf_counter() - t0)
+    if plan.hbm_bytes is not None and plan.total_bytes > plan.hbm_bytes:
+        raise ValueError("the train step does not fit the devices' memory; nothing was run:\n" + plan.table())
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------
