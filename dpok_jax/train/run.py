@@ -216,6 +216,12 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop
         clip_norm=cfg.optim.clip_norm)
     ref_params = p.init_params
     state, train_step = compile_train_step(p, spec, kernel_params, tx, kernel_init)
+    if jax.default_backend() != "cpu":
+        # Compiled for the real devices before the first step: stop with the memory plan when
+        # the step cannot fit (`dpok plan` does the same ahead of time on fake CPU devices).
+        from dpok_jax.plan import check_fits
+
+        print(check_fits(cfg, spec, train_step, state, ref_params, p.mesh).table(), flush=True)
 
     cache = None
     if spec.reference == "precomputed":
