@@ -82,7 +82,7 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _open(path: str | os.PathLike):
     import gguf
 
-    file = Path(path)
+    file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"GGUF file {file} does not exist")
     try:
@@ -230,7 +230,7 @@ def load_gguf_llama(
       architecture, an unsupported tensor type or rope scaling, a missing tensor or a shape that
       disagrees with the metadata.
     """
-    file = Path(path)
+    file = Path(path).expanduser()
     reader = _open(file)
     param_dtype = param_dtype or "float32"
     cfg = config_from_reader(reader, file, param_dtype=param_dtype, dtype=dtype or param_dtype,
