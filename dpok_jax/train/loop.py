@@ -21,10 +21,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from dpok_jax.evaluation.preference import scores_by_task
+from dpok_jax.host_device import host_rows, to_global, to_host  # noqa: F401 (re-exported)
 from dpok_jax.train.checkpoint import RunCheckpoints
 from dpok_jax.train.interrupts import StopRequest
 from dpok_jax.train.metrics_log import MetricsLog
 from dpok_jax.train.state import TrainState
+
+_fetch = to_host  # the older name, kept for callers
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,42 +43,16 @@ class LoopResult:
     skipped_steps: int = 0
 
 
-def to_global(batch: dict, sharding: NamedSharding) -> dict:
-    """Host-local numpy batch -> global jax arrays sharded over the batch axis (multi-host safe)."""
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out
-
-
 def evaluate(eval_step: Callable, params, ref_params, batches, sharding, task_names) -> dict:
     """Run `eval_step` over every held-out batch and score the pairs (SPEC §10)."""
     margins, tasks = [], []
     for batch in batches:
         out = eval_step(params, ref_params, to_global(batch, sharding))
-        out = jax.tree.map(_fetch, out)
+        out = jax.tree.map(to_host, out)
         valid = out["valid"].astype(bool)
         margins.append(out["margin"][valid])
         tasks.append(out["task_id"][valid])
     return scores_by_task(np.concatenate(margins), np.concatenate(tasks), task_names)
-
-
-def host_rows(batch: dict, sharding: NamedSharding) -> dict:
-    """Every host's rows of a host-local numpy batch, in global batch order, as numpy on every host
-    (the same order as `_fetch` gives the outputs of a step on `to_global(batch)`)."""
-    if jax.process_count() == 1:
-        return {k: np.asarray(v) for k, v in batch.items()}
-    return {k: _fetch(v) for k, v in to_global(batch, sharding).items()}
-
-
-def _fetch(x: jax.Array) -> np.ndarray:
-    """A global array as numpy on every host (gathered across processes when there are several)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def run_loop(

@@ -25,7 +25,8 @@ import numpy as np
 
 from dpok_jax import losses
 from dpok_jax.train.interrupts import Interrupted, StopRequest
-from dpok_jax.train.loop import _fetch, host_rows, to_global
+from dpok_jax.host_device import host_rows, to_global
+from dpok_jax.host_device import to_host as _fetch
 from dpok_jax.train.step import ModelFns, StepSpec, _pair_arrays, _sequence_reduce, pooled_embeddings
 
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_embedding_prompt",

@@ -324,7 +324,8 @@ def run(cfg: config_lib.Config, *, should_stop=None, devices=None,
         stop = stack.enter_context(StopRequest())
         stack.enter_context(host_blas_single_threaded())
         try:
-            return _run(cfg, should_stop=should_stop, devices=devices, stop=stop)
+            return _run(cfg, should_stop=should_stop, devices=devices, stop=stop,
+                        allow_changes=tuple(allow_changes))
         except Interrupted as err:
             print(f"Stopped: {err}.", flush=True)
             return {"interrupted": True, "interrupted_by": _signal_name(err.signum),
@@ -345,7 +346,7 @@ def _signal_name(signum: int | None) -> str:
 
 
 def _run(cfg: config_lib.Config, *, should_stop=None, devices=None,
-         stop: StopRequest | None = None) -> dict:
+         stop: StopRequest | None = None, allow_changes: tuple[str, ...] = ()) -> dict:
     stop = stop if stop is not None else StopRequest()
     run_dir = Path(cfg.run_dir)
     p = prepare(cfg, devices=devices, stop=stop)
@@ -357,7 +358,7 @@ def _run(cfg: config_lib.Config, *, should_stop=None, devices=None,
         base = dpo_baseline_config(cfg)
         base_dir = Path(base.run_dir)
         run_folder.prepare_run_dir(base_dir)
-        run_folder.check_resume_config(base, base_dir)
+        run_folder.check_resume_config(base, base_dir, allow=allow_changes)
         if jax.process_index() == 0:
             run_folder.record_config(base, base_dir)
         runs["dpo"] = train_one(p, base, base_dir, should_stop=should_stop, stop=stop)
