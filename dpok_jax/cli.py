@@ -105,7 +105,9 @@ def _sweep(args: argparse.Namespace) -> int:
         overrides = [*sweep.SWEEP_DEFAULTS, f"data.source={data}", *overrides]
     cfg = load_config(args.config or default_config_path(), overrides)
     split = (lambda s: tuple(x for x in s.split(",") if x))  # noqa: E731
-    cells = sweep.grid(split(args.kernels), split(args.divergences), split(args.rewards))
+    pick = (lambda given, every: every if given is None else split(given))  # noqa: E731
+    cells = sweep.grid(pick(args.kernels, sweep.KERNEL_ROWS), pick(args.divergences, sweep.DIVERGENCE_COLUMNS),
+                       pick(args.rewards, sweep.IMPLICIT_REWARDS))
     seeds = tuple(int(s) for s in split(args.seeds))
     path = sweep.run_sweep(cfg, out, seeds=seeds, cells=cells)
     print(f"Sweep tables and heatmaps: {path}")
@@ -125,8 +127,6 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpok_jax.sweep import DIVERGENCE_COLUMNS, IMPLICIT_REWARDS, KERNEL_ROWS
-
     parser = argparse.ArgumentParser(prog="dpok", description="DPO-Kernels training in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a policy (no arguments: the embedded default)")
@@ -167,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                          "harder synthetic tasks)")
     sw.add_argument("--out", default="runs/sweep", help="sweep folder (results.csv, heatmaps, sweep.md)")
     sw.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
-    sw.add_argument("--kernels", default=",".join(KERNEL_ROWS), help="comma-separated grid rows")
-    sw.add_argument("--divergences", default=",".join(DIVERGENCE_COLUMNS), help="grid columns")
-    sw.add_argument("--rewards", default=",".join(IMPLICIT_REWARDS),
-                    help="implicit f-DPO rewards trained as extra cells ('' for none)")
+    sw.add_argument("--kernels", default=None, help="comma-separated grid rows (default: dpo and every "
+                                                    "registered kernel)")
+    sw.add_argument("--divergences", default=None, help="grid columns (default: every divergence)")
+    sw.add_argument("--rewards", default=None,
+                    help="implicit f-DPO rewards trained as extra cells (default: all; '' for none)")
     sw.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     sw.set_defaults(func=_sweep)
     from dpok_jax.plan import add_arguments as add_plan_arguments

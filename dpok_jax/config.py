@@ -16,9 +16,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-KERNELS = ("none", "polynomial", "rbf", "mahalanobis", "spectral", "hmk", "mixture")
+# The registries' keys (dpok_jax.losses.registry), in their order; plain tuples so that loading a
+# config never imports JAX (tests/test_sweep.py checks they are equal).
+KERNELS = ("none", "polynomial", "rbf", "spectral", "mahalanobis", "mixture", "hmk")
 DIVERGENCES = (
-    "none", "kl", "js", "squared_hellinger", "renyi", "bhattacharyya", "f", "wasserstein",
+    "none", "kl", "js", "squared_hellinger", "renyi", "bhattacharyya", "wasserstein", "f",
 )
 LINKS = ("sigmoid", "hinge", "ipo")
 REWARDS = ("reverse_kl", "forward_kl", "js", "alpha")

@@ -33,8 +33,17 @@ from typing import Any
 import numpy as np
 
 from dpok_jax.config import SelectionSection
+from dpok_jax.losses import registry
 
 _FLOOR = 1e-12  # distances below this count as zero (identical embeddings)
+# The rules' outcomes, in rule order (first match wins), then the fallback; all registry names.
+KERNEL_BRANCHES, KERNEL_OTHERWISE = ("rbf", "polynomial", "mahalanobis", "spectral"), "hmk"
+DIVERGENCE_BRANCHES = ("bhattacharyya", "wasserstein", "renyi", "js", "squared_hellinger")
+DIVERGENCE_OTHERWISE = "kl"
+for _name in KERNEL_BRANCHES + (KERNEL_OTHERWISE,):
+    assert _name in registry.KERNELS, f"selection rule outcome {_name!r} is not a registered kernel"
+for _name in DIVERGENCE_BRANCHES + (DIVERGENCE_OTHERWISE,):
+    assert _name in registry.DIVERGENCES, f"selection rule outcome {_name!r} is not a registered divergence"
 
 
 def _unit(e) -> np.ndarray:
@@ -198,7 +207,7 @@ def kernel_rule(m: dict, th: SelectionSection = SelectionSection(), *, n_pairs: 
         _cond("spectral", "PND < eps5", m["PND"], th.kernel_eps5, m["PND"] < th.kernel_eps5),
     ]
     notes = []
-    for name in ("rbf", "polynomial", "mahalanobis", "spectral"):
+    for name in KERNEL_BRANCHES:
         conds = [x for x in c if x["rule"] == name]
         if not all(x["holds"] for x in conds):
             continue
@@ -211,8 +220,8 @@ def kernel_rule(m: dict, th: SelectionSection = SelectionSection(), *, n_pairs: 
             notes[-1] += f" (fallback: {name})"
         return {"choice": name, "rule": rule, "conditions": c, "notes": notes}
     if notes:
-        notes[-1] += " (fallback: hmk)"
-    return {"choice": "hmk", "rule": "otherwise", "conditions": c, "notes": notes}
+        notes[-1] += f" (fallback: {KERNEL_OTHERWISE})"
+    return {"choice": KERNEL_OTHERWISE, "rule": "otherwise", "conditions": c, "notes": notes}
 
 
 def divergence_rule(m: dict, th: SelectionSection = SelectionSection(), *,
@@ -237,7 +246,7 @@ def divergence_rule(m: dict, th: SelectionSection = SelectionSection(), *,
     notes = [f"{name} is missing its statistic (NaN: too few pairs or positions); its branch "
              "cannot fire" for name, v in (("kurtosis", k), ("overlap", o), ("smoothness", s))
              if math.isnan(v)]
-    for name in ("bhattacharyya", "wasserstein", "renyi", "js", "squared_hellinger"):
+    for name in DIVERGENCE_BRANCHES:
         conds = [x for x in c if x["rule"] == name]
         if all(x["holds"] for x in conds):
             if name in exclude:
@@ -246,7 +255,7 @@ def divergence_rule(m: dict, th: SelectionSection = SelectionSection(), *,
                 continue
             return {"choice": name, "rule": " and ".join(x["condition"] for x in conds),
                     "conditions": c, "notes": notes}
-    return {"choice": "kl", "rule": "otherwise", "conditions": c, "notes": notes}
+    return {"choice": DIVERGENCE_OTHERWISE, "rule": "otherwise", "conditions": c, "notes": notes}
 
 
 # ------------------------------------------------------------------------------------------------

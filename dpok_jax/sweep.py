@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from dpok_jax import config as config_lib
+from dpok_jax.losses import registry
 
-KERNEL_ROWS = ("dpo", "polynomial", "rbf", "spectral", "mahalanobis", "mixture", "hmk")
-DIVERGENCE_COLUMNS = ("kl", "js", "squared_hellinger", "renyi", "bhattacharyya", "wasserstein", "f")
-IMPLICIT_REWARDS = ("reverse_kl", "forward_kl", "js", "alpha")
+# The grid, from the registries: plain DPO then every kernel; every divergence; every implicit reward.
+KERNEL_ROWS = ("dpo",) + tuple(registry.KERNELS)
+DIVERGENCE_COLUMNS = tuple(registry.DIVERGENCES)
+IMPLICIT_REWARDS = tuple(registry.REWARDS)
 
 # The default sweep on top of the embedded default: the harder synthetic tasks, a tiny model and a
 # short budget so the whole grid x 2 seeds fits about 30 minutes on 2 CPU cores; live reference (the

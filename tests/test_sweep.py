@@ -148,3 +148,59 @@ def test_hard_tasks_shift_and_noise(tmp_path):
     assert back.num_rows == 10 and sorted(set(back["task"])) == sorted(set(test["task"]))
     with pytest.raises(ValueError, match="noise"):
         synthetic_hard_tasks(0, noise=0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the registries every name list reads from (item 5)
+
+
+def test_registries_feed_config_selection_sweep_and_docs():
+    from pathlib import Path
+
+    from dpok_jax import config, selection
+    from dpok_jax.losses import registry
+
+    assert config.KERNELS == ("none",) + tuple(registry.KERNELS)
+    assert config.DIVERGENCES == ("none",) + tuple(registry.DIVERGENCES)
+    assert config.LINKS == tuple(registry.LINKS) and config.REWARDS == tuple(registry.REWARDS)
+    assert sweep.KERNEL_ROWS == ("dpo",) + tuple(registry.KERNELS)
+    assert sweep.DIVERGENCE_COLUMNS == tuple(registry.DIVERGENCES)
+    assert sweep.IMPLICIT_REWARDS == tuple(registry.REWARDS)
+    assert set(selection.KERNEL_BRANCHES + (selection.KERNEL_OTHERWISE,)) <= set(registry.KERNELS)
+    assert set(selection.DIVERGENCE_BRANCHES + (selection.DIVERGENCE_OTHERWISE,)) <= set(registry.DIVERGENCES)
+    doc = (Path(__file__).parents[1] / "docs" / "analysis.md").read_text()
+    assert registry.markdown_tables() in doc, "docs/analysis.md: paste registry.markdown_tables() again"
+
+
+def test_registry_functions_and_keyword_params():
+    import jax
+    import numpy as np
+
+    from dpok_jax import losses
+    from dpok_jax.config import LossSection
+    from dpok_jax.losses import registry
+
+    cfg = LossSection()
+    k = jax.random.split(jax.random.key(0), 4)
+    p, q = jax.random.normal(k[0], (2, 3, 11))
+    emb = jax.random.normal(k[1], (11, 4))
+    for name, v in registry.DIVERGENCES.items():
+        kw = dict(registry.keyword_params("divergence", name, cfg))
+        if name == "wasserstein":
+            kw["cost_embeddings"] = emb
+        np.testing.assert_allclose(v.fn(p, q, **kw), losses.divergence(name, p, q, **kw), rtol=1e-6)
+    a, b = jax.random.normal(k[2], (2, 5, 4))
+    np.testing.assert_allclose(registry.KERNELS["rbf"].fn(a, b, sigma=0.7),
+                               losses.kernel_log("rbf", a, b, sigma=0.7))
+    assert registry.KERNELS["hmk"].fn is losses.hmk_log
+    pc, pr = jax.random.normal(k[3], (2, 6)) - 5.0
+    for name, v in registry.REWARDS.items():
+        kw = dict(registry.keyword_params("reward", name, cfg))
+        np.testing.assert_allclose(v.fn(pc, pr, beta=0.1, **kw),
+                                   losses.implicit_reward(name, pc, pr, beta=0.1, **kw))
+    for name, v in registry.LINKS.items():
+        kw = dict(registry.keyword_params("link", name, cfg))
+        np.testing.assert_allclose(v.fn(pc, **kw), losses.preference_loss(name, pc, **kw))
+    assert registry.keyword_params("divergence", "renyi", cfg) == (("order", cfg.renyi_order),)
+    with pytest.raises(ValueError, match="unknown divergence 'tv'"):
+        registry.keyword_params("divergence", "tv", cfg)

@@ -5,6 +5,7 @@ are per example or per position (the caller reduces).
 """
 
 from dpok_jax.losses import paper_forms
+from dpok_jax.losses import registry  # noqa: E402,F401 - name -> function tables per family
 from dpok_jax.losses._divergences import F_REGISTRY, divergence, topk_divergence, topk_reference
 from dpok_jax.losses._kernels import (
     embedding_score,
