@@ -7,6 +7,8 @@
     dpok report RUN_DIR [--out DIR]              PNG plots + report.md (headless)
     dpok sweep [--config FILE] [--out DIR] [--seeds 0,1] [key=value ...]   kernel x divergence grid
     dpok plan [--config FILE] [--devices N --device-kind v5e|v5p|h100|a100] [key=value ...]   memory plan
+    dpok generate RUN_DIR|MODEL --prompt TEXT [--prompt ...] [--max-new-tokens N] [--temperature T]
+    dpok embed SOURCE OUT --encoder DIR          add sentence-encoder embedding_* columns to a dataset
 """
 
 from __future__ import annotations
@@ -126,6 +128,56 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits in (True, None) else 3
 
 
+def _generate(args: argparse.Namespace) -> int:
+    """Continuations of --prompt from a run's trained policy, a Hugging Face folder or a .gguf file."""
+    from dpok_jax.models.generate import generate
+
+    path = Path(args.model).expanduser()
+    if path.is_dir() and (path / "config.yaml").is_file():  # a dpok run folder
+        from dpok_jax.train.export import load_run_policy
+
+        model, tokenizer, _ = load_run_policy(path)
+    elif path.suffix == ".gguf" or (path / "config.json").is_file():
+        from dpok_jax.data import load_tokenizer
+        from dpok_jax.models import load_llama
+
+        model, tokenizer = load_llama(path), load_tokenizer(str(path))
+    else:
+        raise FileNotFoundError(f"{path}: not a dpok run folder (config.yaml), a Hugging Face folder "
+                                "(config.json) or a .gguf file")
+    fmt = args.format or ("chat" if getattr(tokenizer, "chat_template", None) else "raw")
+    answers = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, seed=args.seed, chat=fmt == "chat")
+    for prompt, answer in zip(args.prompt, answers):
+        print(f"### prompt\n{prompt}\n### {path.name}\n{answer}\n", flush=True)
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    """SOURCE's preference rows with embedding_{prompt,chosen,rejected} from a sentence encoder."""
+    from dpok_jax.data import load_preference_dataset
+    from dpok_jax.data.formats import BAD_ROW_COLUMN
+    from dpok_jax.models.embed import add_embedding_columns
+    from dpok_jax.models.encoder import SentenceEncoder
+
+    out = Path(args.out)
+    if out.suffix not in (".parquet", ".jsonl", ".json"):
+        raise ValueError(f"OUT {out}: use a .parquet, .jsonl or .json file name")
+    encoder = SentenceEncoder(args.encoder)
+    ds = load_preference_dataset(args.source, split=args.split, format=args.format)
+    ds = add_embedding_columns(ds, encoder, args.cache_dir)
+    if BAD_ROW_COLUMN in ds.column_names:  # the loader finds them again when OUT is read
+        ds = ds.remove_columns(BAD_ROW_COLUMN)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        ds.to_parquet(str(out))
+    else:
+        ds.to_json(str(out), lines=out.suffix == ".jsonl")
+    print(f"{len(ds)} rows with {encoder.dim}-dim embedding_prompt/chosen/rejected written to {out}; "
+          f"train on them with data.source={out} loss.embeddings=dataset")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpok", description="DPO-Kernels training in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +232,25 @@ def main(argv: list[str] | None = None) -> int:
                                        "of time on fake CPU devices; exit 3 when it does not fit)")
     add_plan_arguments(plan)
     plan.set_defaults(func=_plan)
+    gen = sub.add_parser("generate", help="sample from a run's policy, a Hugging Face folder or a .gguf file")
+    gen.add_argument("model", help="a dpok run folder, a Hugging Face Llama folder or a .gguf file")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--format", choices=("chat", "raw"), default=None,
+                     help="chat: the tokenizer's chat template (default when it has one); raw: BOS + text, "
+                          "as training prompts are encoded")
+    gen.set_defaults(func=_generate)
+    emb = sub.add_parser("embed", help="add sentence-encoder embedding columns to a preference dataset")
+    emb.add_argument("source", help="a preference data file or folder (as data.source)")
+    emb.add_argument("out", help="output .parquet, .jsonl or .json")
+    emb.add_argument("--encoder", required=True, help="a BERT sentence-transformers folder (e.g. all-MiniLM-L6-v2)")
+    emb.add_argument("--format", default="auto", help="data format (auto, explicit, implicit, conversational)")
+    emb.add_argument("--split", default="train")
+    emb.add_argument("--cache-dir", default=None, help="embedding cache folder (default: none)")
+    emb.set_defaults(func=_embed)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

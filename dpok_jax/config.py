@@ -24,7 +24,7 @@ DIVERGENCES = (
 )
 LINKS = ("sigmoid", "hinge", "ipo")
 REWARDS = ("reverse_kl", "forward_kl", "js", "alpha")
-EMBEDDINGS = ("reference", "policy", "dataset")
+EMBEDDINGS = ("reference", "policy", "dataset", "encoder")
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,9 @@ class LossSection:
     gamma: float = 0.0  # embedding-score weight
     kernel: str = "none"
     embeddings: str = "policy"
+    # embeddings=encoder: a sentence-transformers BERT folder (e.g. all-MiniLM-L6-v2); the pairs' texts
+    # are embedded once before training (cached) and used as dataset embeddings.
+    encoder_path: Optional[str] = None
     eta: float = 0.0  # HMK / mixture entropy weight
     alpha: float = 0.0  # divergence weight
     divergence: str = "none"
@@ -196,6 +199,8 @@ def validate(cfg: Config) -> Config:
     _check_choice(cfg.loss.link, LINKS, "loss.link")
     _check_choice(cfg.loss.reward, REWARDS, "loss.reward")
     _check_choice(cfg.loss.embeddings, EMBEDDINGS, "loss.embeddings")
+    if cfg.loss.embeddings == "encoder" and not cfg.loss.encoder_path:
+        raise ValueError("config loss.embeddings=encoder needs loss.encoder_path (a sentence-transformers folder)")
     _check_choice(cfg.loss.logp_reduction, ("sum", "mean"), "loss.logp_reduction")
     _check_choice(cfg.reference.mode, ("live", "precomputed"), "reference.mode")
     _check_choice(cfg.sft.responses, ("chosen", "both"), "sft.responses")

@@ -62,7 +62,8 @@ def step_spec(cfg: config_lib.Config) -> StepSpec:
     return StepSpec(
         beta=loss.beta, link=loss.link, label_smoothing=loss.label_smoothing, reward=loss.reward,
         reward_params=reward_params, logp_reduction=loss.logp_reduction, gamma=loss.gamma,
-        kernel=loss.kernel, embeddings=loss.embeddings, eta=loss.eta, alpha=loss.alpha,
+        kernel=loss.kernel, embeddings="dataset" if loss.embeddings == "encoder" else loss.embeddings,
+        eta=loss.eta, alpha=loss.alpha,
         divergence=loss.divergence, divergence_params=div_params, sft_weight=loss.sft_weight,
         chunk_size=loss.chunk_size, reference=cfg.reference.mode, grad_accum=cfg.optim.grad_accum,
     )
@@ -138,6 +139,14 @@ def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = 
             f"(mesh data x fsdp = {n_batch_devices}) times optim.grad_accum={cfg.optim.grad_accum}")
     tokenizer = data_lib.load_tokenizer(tokenizer_source(cfg))
     train_pairs, eval_pairs = _load_data(cfg, tokenizer, run_dir)
+    if cfg.loss.embeddings == "encoder":  # the paper's external sentence encoder, once, cached on disk
+        from dpok_jax.models.embed import add_pair_embeddings
+        from dpok_jax.models.encoder import SentenceEncoder
+
+        encoder = SentenceEncoder(cfg.loss.encoder_path)
+        cache = Path(cfg.reference.cache_dir or Path(cfg.run_dir).parent / ".reference_cache")
+        train_pairs, eval_pairs = (add_pair_embeddings(p, tokenizer, encoder, cache)
+                                   for p in (train_pairs, eval_pairs))
     model = _build_model(cfg, tokenizer, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     shardings = sharding.param_shardings(mesh, params)
