@@ -213,7 +213,7 @@ def test_resolve_auto_replaces_records_and_reuses(tmp_path, monkeypatch):
         return selection.select(x, yp, yn, divergence_metrics={"overlap": 0.1, "kurtosis": 1.0,
                                                                "smoothness": 1.0})
 
-    monkeypatch.setattr(selection, "run_selection", fake_run_selection)
+    monkeypatch.setattr(selection.auto, "run_selection", fake_run_selection)
     cfg = load_config(None, [f"run_dir={tmp_path}", "loss.kernel=auto", "loss.divergence=auto",
                              "loss.alpha=0.1", "reference.mode=precomputed"])
     out = selection.resolve_auto(types.SimpleNamespace(cfg=cfg))
