@@ -7,7 +7,7 @@
     dpok report RUN_DIR [--out DIR]              PNG plots + report.md (headless)
     dpok sweep [--config FILE] [--out DIR] [--seeds 0,1] [key=value ...]   kernel x divergence grid
     dpok plan [--config FILE] [--devices N --device-kind v5e|v5p|h100|a100] [key=value ...]   memory plan
-    dpok generate RUN_DIR|MODEL --prompt TEXT [--prompt ...] [--max-new-tokens N] [--temperature T]
+    dpok generate RUN_DIR|MODEL [...] --prompt TEXT [--prompt ...] [--out FILE.md]   side by side
     dpok embed SOURCE OUT --encoder DIR          add sentence-encoder embedding_* columns to a dataset
 """
 
@@ -128,28 +128,46 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits in (True, None) else 3
 
 
-def _generate(args: argparse.Namespace) -> int:
-    """Continuations of --prompt from a run's trained policy, a Hugging Face folder or a .gguf file."""
-    from dpok_jax.models.generate import generate
-
-    path = Path(args.model).expanduser()
+def _load_for_generation(name: str):
+    path = Path(name).expanduser()
     if path.is_dir() and (path / "config.yaml").is_file():  # a dpok run folder
         from dpok_jax.train.export import load_run_policy
 
         model, tokenizer, _ = load_run_policy(path)
-    elif path.suffix == ".gguf" or (path / "config.json").is_file():
+        return model, tokenizer
+    if path.suffix == ".gguf" or (path / "config.json").is_file():
         from dpok_jax.data import load_tokenizer
         from dpok_jax.models import load_llama
 
-        model, tokenizer = load_llama(path), load_tokenizer(str(path))
-    else:
-        raise FileNotFoundError(f"{path}: not a dpok run folder (config.yaml), a Hugging Face folder "
-                                "(config.json) or a .gguf file")
-    fmt = args.format or ("chat" if getattr(tokenizer, "chat_template", None) else "raw")
-    answers = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, seed=args.seed, chat=fmt == "chat")
-    for prompt, answer in zip(args.prompt, answers):
-        print(f"### prompt\n{prompt}\n### {path.name}\n{answer}\n", flush=True)
+        return load_llama(path), load_tokenizer(str(path))
+    raise FileNotFoundError(f"{path}: not a dpok run folder (config.yaml), a Hugging Face folder "
+                            "(config.json) or a .gguf file")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Continuations of each --prompt from each model (a run folder, a Hugging Face folder or a
+    .gguf file), printed side by side per prompt; --out also writes them as Markdown."""
+    from dpok_jax.models.generate import generate
+
+    answers = {}
+    for name in args.model:
+        model, tokenizer = _load_for_generation(name)
+        fmt = args.format or ("chat" if getattr(tokenizer, "chat_template", None) else "raw")
+        answers[name] = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                 chat=fmt == "chat")
+        del model
+    lines = [f"# Generations (max_new_tokens={args.max_new_tokens}, temperature={args.temperature}, "
+             f"format={args.format or 'auto'})", ""]
+    for i, prompt in enumerate(args.prompt):
+        lines += [f"## Prompt {i + 1}", "", "```", prompt.strip("\n"), "```", ""]
+        for name in args.model:
+            lines += [f"**{name}**", "", "```", answers[name][i].strip("\n") or "(empty)", "```", ""]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if args.out is not None:
+        Path(args.out).write_text(text)
+        print(f"Written to {args.out}")
     return 0
 
 
@@ -233,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     add_plan_arguments(plan)
     plan.set_defaults(func=_plan)
     gen = sub.add_parser("generate", help="sample from a run's policy, a Hugging Face folder or a .gguf file")
-    gen.add_argument("model", help="a dpok run folder, a Hugging Face Llama folder or a .gguf file")
+    gen.add_argument("model", nargs="+", help="dpok run folders, Hugging Face Llama folders or .gguf files "
+                                              "(several: answers side by side)")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -242,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--format", choices=("chat", "raw"), default=None,
                      help="chat: the tokenizer's chat template (default when it has one); raw: BOS + text, "
                           "as training prompts are encoded")
+    gen.add_argument("--out", default=None, help="also write the side-by-side answers to this Markdown file")
     gen.set_defaults(func=_generate)
     emb = sub.add_parser("embed", help="add sentence-encoder embedding columns to a preference dataset")
     emb.add_argument("source", help="a preference data file or folder (as data.source)")
