@@ -163,21 +163,53 @@ def test_divergence_exclusion_falls_back():
     assert r["choice"] == "renyi" and "wasserstein matched but is not usable" in r["notes"][0]
 
 
-def test_divergence_metrics_from_constructed_distributions():
-    """Identical chosen/rejected supports -> overlap 1 -> Bhattacharyya; disjoint ones with a light-
-    tailed log-ratio -> JS."""
-    n, t, k = 6, 3, 4
-    lp = np.log(np.full((n, t, k), 0.25))
-    idx = np.tile(np.arange(k), (n, t, 1))
+def _divergence_data(overlap: str, heavy: bool, smooth: bool):
+    """Reference top-k arrays for 8 pairs x 4 positions x k=4, and log-ratios over pairs.
+
+    overlap: "same" (Jaccard 1), "partial" (supports {0, 1} vs {1, 2}: 1/3) or "disjoint" (0).
+    heavy: log-ratios [0] * 7 + [10] (Pearson kurtosis 6.1) instead of +-1 (kurtosis 1).
+    smooth: every position has the same distribution (W1 0), else positions alternate between
+    tokens {0..3} and {4..7} with orthogonal embeddings (W1 1).
+    """
+    n, t, k = 8, 4, 4
+    half = np.log(np.array([0.5, 0.5, 1e-9, 1e-9]))
+    ids = {"same": ([0, 1, 2, 3], [0, 1, 2, 3]), "partial": ([0, 1, 2, 3], [1, 2, 0, 3]),
+           "disjoint": ([0, 1, 2, 3], [2, 3, 0, 1])}[overlap]  # nuclei: the first two tokens
+    idx_pos = np.tile(np.array(ids[0]), (n, t, 1))
+    idx_neg = np.tile(np.array(ids[1]), (n, t, 1))
+    if not smooth:
+        idx_pos[:, 1::2] = (idx_pos[:, 1::2] + 4) % 8
+        idx_neg[:, 1::2] = (idx_neg[:, 1::2] + 4) % 8
+    lp = np.tile(half, (n, t, 1))
     mask = np.ones((n, t))
-    same = selection.support_overlap(idx, lp, mask, idx, lp, mask)
-    disjoint = selection.support_overlap(idx, lp, mask, idx + k, lp, mask)
-    assert same == 1.0 and disjoint == 0.0
-    z = np.array([-1.0, 1.0] * 3)  # kurtosis 1
-    x, yp, yn = _circle(n, math.radians(30), math.radians(50))
-    for overlap, expected in ((same, "bhattacharyya"), (disjoint, "js")):
-        div = {"overlap": overlap, "kurtosis": selection.log_ratio_kurtosis(z, 0 * z), "smoothness": 1.0}
-        assert selection.select(x, yp, yn, divergence_metrics=div).divergence["choice"] == expected
+    z = np.array([0.0] * 7 + [10.0]) if heavy else np.array([-1.0, 1.0] * 4)
+    return idx_pos, idx_neg, lp, mask, z
+
+
+@pytest.mark.parametrize("overlap, heavy, smooth, angles, expected", [
+    ("same", True, False, (60, 30), "bhattacharyya"),
+    ("partial", True, False, (60, 30), "wasserstein"),  # drift d+ - d- = 1.0 - 0.518 > 0.3
+    ("partial", True, False, (30, 50), "renyi"),  # drift < 0, kurtosis 6.1 > 3
+    ("disjoint", False, False, (30, 50), "js"),  # overlap 0, kurtosis 1
+    ("partial", False, True, (30, 50), "squared_hellinger"),  # overlap 1/3, smoothness 0
+    ("partial", False, False, (30, 50), "kl"),  # overlap 1/3, kurtosis 1, smoothness 1
+])
+def test_divergence_rule_every_branch_on_constructed_data(overlap, heavy, smooth, angles, expected):
+    idx_pos, idx_neg, lp, mask, z = _divergence_data(overlap, heavy, smooth)
+    emb = np.eye(8)  # orthogonal token embeddings: cosine distance 1 between different tokens
+    metrics = {
+        "overlap": selection.support_overlap(idx_pos, lp, mask, idx_neg, lp, mask),
+        "kurtosis": selection.log_ratio_kurtosis(z, np.zeros_like(z)),
+        "smoothness": selection.smoothness(idx_pos, lp, mask, emb),
+    }
+    assert metrics["overlap"] == pytest.approx({"same": 1.0, "partial": 1 / 3, "disjoint": 0.0}[overlap])
+    p = 1 / 8  # Pearson kurtosis of a two-point law with mass p on one point
+    assert metrics["kurtosis"] == pytest.approx((1 - 3 * p + 3 * p * p) / (p * (1 - p)) if heavy else 1.0)
+    assert metrics["smoothness"] == pytest.approx(0.0 if smooth else 1.0, abs=1e-3)
+    x, yp, yn = _circle(8, math.radians(angles[0]), math.radians(angles[1]))
+    rep = selection.select(x, yp, yn, divergence_metrics=metrics)
+    assert rep.metrics["drift"] == pytest.approx(_chord(math.radians(angles[0])) - _chord(math.radians(angles[1])))
+    assert rep.divergence["choice"] == expected
 
 
 def test_report_table_and_json(tmp_path):
