@@ -41,6 +41,7 @@ class LoopResult:
     interrupted: bool = False
     eval_metrics: dict = field(default_factory=dict)
     skipped_steps: int = 0
+    last_logged: dict = field(default_factory=dict)  # the last logged train window (every process)
 
 
 def evaluate(eval_step: Callable, params, ref_params, batches, sharding, task_names) -> dict:
@@ -130,6 +131,7 @@ def run_loop(
                 host["tokens_per_s"] = tokens / elapsed
                 host["skipped_total"] = float(state.opt_state.total_notfinite)
                 log.write(step, "train", host)
+                result.last_logged = host
                 bar.set_postfix(loss=f"{host['loss']:.4f}",
                                 acc=f"{host.get('rewards/accuracies', float('nan')):.3f}",
                                 tok_s=f"{host['tokens_per_s']:.0f}")

@@ -22,7 +22,7 @@ from flax import nnx
 
 from dpok_jax import config as config_lib
 from dpok_jax import data as data_lib
-from dpok_jax import losses, selection, sharding
+from dpok_jax import host_device, losses, selection, sharding
 from dpok_jax.models import Llama, ModelConfig, init_llama, load_llama, read_config
 from dpok_jax.train import reference as reference_lib
 from dpok_jax.train import run_folder
@@ -137,6 +137,9 @@ def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = 
         raise ValueError(
             f"config train.batch_size={cfg.train.batch_size} must be divisible by the batch devices "
             f"(mesh data x fsdp = {n_batch_devices}) times optim.grad_accum={cfg.optim.grad_accum}")
+    # Before any data or compile work: each process must own the rows its batcher feeds it.
+    for size in {cfg.train.batch_size, cfg.sft.batch_size} if cfg.sft.steps else {cfg.train.batch_size}:
+        host_device.check_batch_layout(sharding.batch_sharding(mesh), size)
     tokenizer = data_lib.load_tokenizer(tokenizer_source(cfg))
     train_pairs, eval_pairs = _load_data(cfg, tokenizer, run_dir)
     if cfg.loss.embeddings == "encoder":  # the paper's external sentence encoder, once, cached on disk
@@ -380,9 +383,14 @@ def _run(cfg: config_lib.Config, *, should_stop=None, devices=None,
     if interrupted:
         summary["interrupted_by"] = _signal_name(stop.signum)
         summary["exit_status"] = EXIT_STATUS.get(stop.signum, 130)
+    summary.update({f"train/{k}": v for k, v in runs[label].last_logged.items()
+                    if k in ("loss", "rewards/margins", "rewards/accuracies")})
     if "dpo" in runs:
         summary["baseline/steps"] = runs["dpo"].final_step
         summary.update({f"baseline/{k}": v for k, v in runs["dpo"].eval_metrics.items()})
+    if jax.process_index() > 0:  # every host's own view, to check that all trained the same model
+        (run_dir / f"summary.process{jax.process_index()}.json").write_text(
+            json.dumps(summary, indent=2, sort_keys=True))
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         print(format_table({k: r.eval_metrics for k, r in runs.items()}, p.task_names), flush=True)
