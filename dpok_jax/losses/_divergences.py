@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dpok_jax.losses._wasserstein import topk_sinkhorn
+from dpok_jax.losses._wasserstein import DEFAULT_THRESHOLD, default_max_iterations, topk_sinkhorn
 
 __all__ = [
     "F_REGISTRY",
@@ -73,10 +75,17 @@ def _lse(x: jax.Array) -> jax.Array:
     return jnp.where(ok, out, jnp.where(pos, jnp.inf, _NEG_INF))
 
 
-def _safe_expm1(x: jax.Array) -> jax.Array:
-    """expm1 that returns +inf (zero gradient) past float32 range instead of inf * 0 = NaN later."""
-    big = x > 80.0
-    return jnp.where(big, jnp.inf, jnp.expm1(jnp.where(big, 0.0, x)))
+def _safe_expm1(x: jax.Array, scale: float = 1.0) -> jax.Array:
+    """`expm1(x) / scale` (scale > 0), `+inf` with a zero gradient exactly where it overflows the dtype.
+
+    The bound is the dtype's own, `x > log(max · scale)` (88.72 + log scale in float32, 709.78 +
+    log scale in float64): below it value and gradient `exp(x) / scale` are finite and exact, above it
+    the true value is past the dtype's range. (A fixed cutoff returned +inf for float64 values as small
+    as e^80, and silently zeroed the float32 gradient between e^80 and e^88.7.)
+    """
+    bound = math.log(float(jnp.finfo(x.dtype).max)) + math.log(scale)
+    big = x > bound
+    return jnp.where(big, jnp.inf, jnp.expm1(jnp.where(big, 0.0, x)) / scale)
 
 
 def _infinite_where(bad: jax.Array, value: jax.Array) -> jax.Array:
@@ -124,9 +133,13 @@ def _log_power_sum(s: _Parts, eps: float) -> jax.Array:
         x = jnp.where(~s.pf & s.qf, jnp.inf, x)
     big = _lse(x)
     # Near p = q (or ε → 0) the sum is 1 + small: log1p(Σ p expm1(ε d)) keeps the small part's digits
-    # instead of losing them to rounding in logsumexp.
+    # instead of losing them to rounding in logsumexp. Over the common support Σ p e^(ε d) =
+    # Σ_both p + Σ_both p expm1(ε d), and Σ_both p = 1 − m with m the mass of p where q = 0 (for ε < 0
+    # those tokens contribute p^(1+ε) · 0^(−ε) = 0; for ε > 0 the sum is +inf and `big` says so).
+    # Summing m directly (not 1 − Σ_both p) keeps its digits when it is small.
     e_max = jnp.max(jnp.where(both & (s.p > 0), e, _NEG_INF), axis=-1)
-    small_sum = jnp.sum(jnp.where(both, s.p * jnp.expm1(jnp.minimum(e, 60.0)), 0.0), axis=-1)
+    off_support = jnp.sum(jnp.where(s.pf & ~s.qf, s.p, 0.0), axis=-1)
+    small_sum = jnp.sum(jnp.where(both, s.p * jnp.expm1(jnp.minimum(e, 60.0)), 0.0), axis=-1) - off_support
     use_small = (jnp.abs(big) < 0.25) & (e_max <= 60.0) & (small_sum > -1.0)
     small = jnp.log1p(jnp.where(use_small, small_sum, 0.0))
     return jnp.where(use_small, small, big)
@@ -151,7 +164,11 @@ def _alpha(s: _Parts, alpha: float) -> jax.Array:
         return _kl(s)
     if alpha == 0.0:
         return _kl(s.swapped())
-    return _safe_expm1(_log_power_sum(s, alpha - 1.0)) / (alpha * (alpha - 1.0))
+    denom = alpha * (alpha - 1.0)
+    if denom > 0:  # a < 0 or a > 1: expm1(·) / denom, +inf exactly where the quotient overflows
+        return _safe_expm1(_log_power_sum(s, alpha - 1.0), denom)
+    # 0 < a < 1: the power sum is in [0, 1], expm1 in [−1, 0]: the quotient is bounded by 1/|denom|.
+    return jnp.expm1(_log_power_sum(s, alpha - 1.0)) / denom
 
 
 # ----------------------------------------------------------------------------- the f registry
@@ -194,14 +211,72 @@ F_REGISTRY: dict[str, FDivergence] = {
 }
 
 
+# Headroom below the dtype's largest exponent: a callable is evaluated directly only where
+# |log u| <= log(max) − 8 (80.7 in float32, 701.8 in float64), so u <= e^80.7 and f(u) of u log u-type
+# generators stays ~30x below float32's largest number.
+_USER_F_HEADROOM = 8.0
+
+
+def _user_f_cutoff(dtype) -> float:
+    return math.log(float(jnp.finfo(dtype).max)) - _USER_F_HEADROOM
+
+
 def _user_f(s: _Parts, f: Callable) -> jax.Array:
-    """`Σ q f(p/q)` for a user generator, evaluated on `u = p/q` directly (not in log space)."""
+    """`Σ q f(p/q)` for a user generator `f`, stable for any log-ratio `t = log p − log q`.
+
+    Each term is evaluated in the perspective form that keeps its scale: `p · f(u)/u` for `t > 0` and
+    `q · f(u)` for `t <= 0` (the larger of p, q multiplies, so an underflowed q or p never meets an
+    overflowed u in `0 · inf`). `u = e^t` itself is only formed for `|t| <= c`, `c = log(max) − 8`
+    (80.7 in float32): past it, the term is extended linearly in `t` from the cutoff,
+
+        t > c:   p · (g(c) + g'(c) (t − c)),   g(t) = f(e^t) e^(−t)
+        t < −c:  q · (h(−c) + h'(−c) (t + c)), h(t) = f(e^t)
+
+    with `g, g', h, h'` from `jax.jvp` of `f` at the constant cutoff. This is exact for generators of
+    the form `A u log u + B u + C log u + D` up to terms that vanish at the cutoff (kl, reverse_kl,
+    tv, js, squared_hellinger, alpha with 0 < a < 1: e.g. `u log u` at t = 100 in float32 gives the
+    registry's KL) and a lower bound for tails that grow faster in `t` (`u^a`, a > 1); registry
+    entries, evaluated in log space, are exact there. Where `f(u)` (or `g(c)`, `g'(c)`) is not finite
+    the term is `+inf` with a zero gradient, never NaN.
+
+    `p = 0 < q` contributes `q f(0)`; `p > 0 = q` contributes `p f'(∞)`, taken as `+inf` (true of
+    every superlinear f; registry entries handle the finite cases exactly).
+    """
+    dtype = s.q.dtype
     both = s.both
-    u = jnp.exp(jnp.where(both, s.lp - s.lq, 0.0))
-    value = jnp.sum(jnp.where(both, s.q * f(u), 0.0), axis=-1)
-    # p = 0 < q contributes q f(0); p > 0 = q contributes p f'(∞), taken as +inf (true of every
-    # superlinear f; registry entries handle the finite cases exactly).
-    f0 = jnp.asarray(f(jnp.zeros((), s.q.dtype)), s.q.dtype)
+    cut = _user_f_cutoff(dtype)
+    t = jnp.where(both, s.lp - s.lq, 0.0)
+    inner = jnp.abs(t) <= cut
+    t_in = jnp.where(inner, t, 0.0)
+    # Where f(u) is not finite the term is +inf: find those entries on a gradient-free probe, then
+    # evaluate f again on a harmless u = 1 there, so no inf or NaN cotangent reaches the logits.
+    probe = jnp.asarray(f(jax.lax.stop_gradient(jnp.exp(t_in))), dtype)
+    bad = both & inner & ~jnp.isfinite(probe)
+    t_in = jnp.where(bad, 0.0, t_in)
+    fu = jnp.asarray(f(jnp.exp(t_in)), dtype)
+    direct = jnp.where(t_in > 0, s.p * (fu * jnp.exp(-t_in)), s.q * fu)
+
+    def g(x):  # f(e^x) e^(−x): the per-unit-of-p term for large t
+        return jnp.asarray(f(jnp.exp(x)), dtype) * jnp.exp(-x)
+
+    def h(x):  # f(e^x): the per-unit-of-q term for very negative t
+        return jnp.asarray(f(jnp.exp(x)), dtype)
+
+    one = jnp.ones((), dtype)
+    g_c, dg_c = jax.jvp(g, (cut * one,), (one,))
+    h_c, dh_c = jax.jvp(h, (-cut * one,), (one,))
+    hi_ok = jnp.isfinite(g_c) & jnp.isfinite(dg_c)
+    lo_ok = jnp.isfinite(h_c) & jnp.isfinite(dh_c)
+    t_hi = jnp.where(t > cut, t, cut)
+    t_lo = jnp.where(t < -cut, t, -cut)
+    upper = s.p * (jnp.where(hi_ok, g_c, 0.0) + jnp.where(hi_ok, dg_c, 0.0) * (t_hi - cut))
+    lower = s.q * (jnp.where(lo_ok, h_c, 0.0) + jnp.where(lo_ok, dh_c, 0.0) * (t_lo + cut))
+    term = jnp.where(inner, direct, jnp.where(t > 0, upper, lower))
+    term_inf = bad | (both & (t > cut) & ~hi_ok) | (both & (t < -cut) & ~lo_ok)
+    value = jnp.sum(jnp.where(both & ~term_inf, term, 0.0), axis=-1)
+    value = _infinite_where(jnp.any(term_inf, axis=-1), value)
+    # p = 0 < q contributes q f(0); p > 0 = q contributes p f'(∞) = +inf (see the docstring).
+    f0 = jnp.asarray(f(jnp.zeros((), dtype)), dtype)
     f0_ok = jnp.isfinite(f0)
     mass0 = jnp.sum(jnp.where(~s.pf & s.qf, s.q, 0.0), axis=-1)
     value = value + jnp.where(mass0 > 0, jnp.where(f0_ok, mass0 * jnp.where(f0_ok, f0, 0.0), jnp.inf), 0.0)
@@ -298,11 +373,17 @@ def divergence(name: str, policy_logits: jax.Array, ref_logits: jax.Array, **par
       (`alpha` a, Amari: (u^a − a u − (1−a)) / (a(a−1)); a = 1 is KL, a = 0 reverse KL),
       `squared_hellinger` (½(√u − 1)²), each evaluated in log space. A callable is evaluated on
       `u = p/q` directly; where `p > 0 = q` it counts `p f'(∞)` as `+inf`.
-    - `"wasserstein"` (`cost_embeddings` [V, e], `epsilon` = 0.1, `top_k` = 16, `debiased` = False,
-      `threshold` = 1e-3, `max_iterations` = 2000): entropic OT (ott-jax Sinkhorn, `reg_ot_cost`)
-      between `p` and `q` restricted to the union of their top-k tokens and renormalized, ground cost
-      `1 − cos` between those tokens' embedding rows (gradient stopped). Approximate (truncation);
-      see :func:`dpok_jax.losses._wasserstein.topk_sinkhorn`.
+    - `"wasserstein"` (`cost_embeddings` [V, e], `epsilon` = 0.1, `top_k` = 16, `debiased` = True,
+      `threshold` = 1e-5, `max_iterations` = max(2000, 20/ε), `lse_mode` = None,
+      `return_converged` = False):
+      entropic OT (ott-jax Sinkhorn) between `p` and `q` restricted to the union of their top-k
+      tokens and renormalized, ground cost `1 − cos` between those tokens' embedding rows (gradient
+      stopped). By default the debiased Sinkhorn divergence `W_ε(p,q) − ½W_ε(p,p) − ½W_ε(q,q)`
+      (0 with a zero gradient at `p = q`); `debiased=False` gives the biased `reg_ot_cost` `W_ε`,
+      which is not 0 at `p = q`. With `return_converged=True` the result is `(value, converged)`,
+      `converged` [...] bool saying whether every Sinkhorn solve reached `threshold`; otherwise an
+      eager call with unconverged positions emits a RuntimeWarning. Approximate (truncation); see
+      :func:`dpok_jax.losses._wasserstein.topk_sinkhorn`.
 
     Zeros in `p` or `q` never give NaN values or gradients; infinite divergences are `+inf` with
     zero gradient.
@@ -314,11 +395,12 @@ def divergence(name: str, policy_logits: jax.Array, ref_logits: jax.Array, **par
       **params: the name's hyperparameters (keyword-only; unknown ones raise ValueError).
 
     Returns:
-      [...] the divergence per position, float32 (float64 for float64 input).
+      [...] the divergence per position, float32 (float64 for float64 input); for
+      `"wasserstein"` with `return_converged=True`, `(value, converged)`.
 
     Raises:
       ValueError: unknown name or parameter, shape mismatch, `order <= 0`, `epsilon <= 0`,
-        `top_k < 1` (at trace time).
+        `top_k` outside [1, V], `threshold <= 0`, `max_iterations < 1` (at trace time).
 
     Example:
       >>> import jax.numpy as jnp
@@ -337,8 +419,9 @@ def divergence(name: str, policy_logits: jax.Array, ref_logits: jax.Array, **par
     if name != "wasserstein":
         return _from_logprobs(name, logp, logq, params)
     kw = _take(name, params, {
-        "cost_embeddings": _REQUIRED, "epsilon": 0.1, "top_k": 16, "debiased": False,
-        "threshold": 1e-3, "max_iterations": 2000, "lse_mode": None,
+        "cost_embeddings": _REQUIRED, "epsilon": 0.1, "top_k": 16, "debiased": True,
+        "threshold": DEFAULT_THRESHOLD, "max_iterations": None, "lse_mode": None,
+        "return_converged": False,
     })
     emb = kw.pop("cost_embeddings")
     vocab = policy_logits.shape[-1]
@@ -350,10 +433,39 @@ def divergence(name: str, policy_logits: jax.Array, ref_logits: jax.Array, **par
     top_k = int(kw["top_k"])
     if not 1 <= top_k <= vocab:
         raise ValueError(f"divergence 'wasserstein': 'top_k' must be in [1, V={vocab}], got {top_k}")
-    return topk_sinkhorn(
+    threshold = _static_float(name, "threshold", kw["threshold"])
+    if not threshold > 0:
+        raise ValueError(f"divergence 'wasserstein': 'threshold' must be > 0, got {threshold}")
+    max_iterations = kw["max_iterations"]
+    max_iterations = default_max_iterations(eps) if max_iterations is None else int(max_iterations)
+    if max_iterations < 1:
+        raise ValueError(f"divergence 'wasserstein': 'max_iterations' must be >= 1, got {max_iterations}")
+    value, converged = topk_sinkhorn(
         logp, logq, emb, epsilon=eps, top_k=top_k, debiased=bool(kw["debiased"]),
-        threshold=float(kw["threshold"]), max_iterations=int(kw["max_iterations"]),
+        threshold=threshold, max_iterations=max_iterations,
         lse_mode=None if kw["lse_mode"] is None else bool(kw["lse_mode"]),
+    )
+    if kw["return_converged"]:
+        return value, converged
+    _warn_if_unconverged(converged, eps, threshold, max_iterations)
+    return value
+
+
+def _warn_if_unconverged(converged: jax.Array, eps: float, threshold: float, max_iterations: int) -> None:
+    """Eager calls only (under a trace the flag is abstract): a RuntimeWarning naming the count."""
+    if isinstance(converged, jax.core.Tracer):
+        return
+    flags = np.asarray(converged)
+    if flags.all():
+        return
+    warnings.warn(
+        f"divergence 'wasserstein': Sinkhorn did not reach threshold={threshold:g} within "
+        f"max_iterations={max_iterations} at {int((~flags).sum())} of {flags.size} position(s) "
+        f"(epsilon={eps:g}); those values come from an infeasible plan and can lie below the exact "
+        "transport cost. Raise max_iterations or epsilon, or pass return_converged=True to get the "
+        "per-position flags.",
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 

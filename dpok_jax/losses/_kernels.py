@@ -94,8 +94,17 @@ def _check_rho(rho) -> None:
 
 
 def _poly(a, b, c, degree):
-    # c > 1 keeps ⟨a,b⟩ + c > 0 for unit vectors; callers with other inputs must keep it positive.
-    return degree * jnp.log(jnp.sum(a * b, axis=-1) + c)
+    """`log (⟨a,b⟩ + c)^d`, for any inputs.
+
+    Even d: `K = |⟨a,b⟩ + c|^d > 0` unless the base is 0, so `log K = d log|⟨a,b⟩ + c|`. Odd d:
+    `K <= 0` where the base is <= 0 (possible for non-unit inputs; never for unit vectors with
+    c > 1), and log K is taken as `-inf` there (K clipped at 0), with a zero gradient. A zero base
+    is `-inf` with a zero gradient for either parity (never `inf · 0 = NaN` in the backward pass).
+    """
+    base = jnp.sum(a * b, axis=-1) + c
+    mag = jnp.abs(base) if degree % 2 == 0 else base
+    ok = mag > 0
+    return jnp.where(ok, degree * jnp.log(jnp.where(ok, mag, 1.0)), -jnp.inf)
 
 
 def _poly_self(a, c, degree):
@@ -215,7 +224,9 @@ def kernel_log(name: str, a, b, *, normalized: bool = False, **params) -> jax.Ar
     Formulas (τ = a − b), all in log space:
 
     - ``"polynomial"`` (``c`` > 1, default 2; Python-int ``degree`` >= 1, default 2):
-      ``log K = degree · log(⟨a,b⟩ + c)``.
+      ``log K = degree · log(⟨a,b⟩ + c)``; positive base for unit vectors. For other inputs: even
+      degree gives ``degree · log|⟨a,b⟩ + c|`` (K > 0), odd degree gives ``-inf`` (zero gradient)
+      where ``K = (⟨a,b⟩ + c)^d <= 0``, i.e. K clipped at 0.
     - ``"rbf"`` (``sigma`` > 0): ``log K = −‖τ‖² / (2σ²)``.
     - ``"mahalanobis"`` (``cov_cholesky`` L with Σ = L Lᵀ, or ``precision`` Σ⁻¹, both [d, d]):
       ``log K = −½ τᵀ Σ⁻¹ τ = −½ ‖L⁻¹τ‖²`` (a triangular solve, never an inverse).

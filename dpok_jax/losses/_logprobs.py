@@ -266,8 +266,9 @@ def masked_divergence(
     mask: jax.Array,
     *,
     block_size: int = 128,
+    return_converged: bool = False,
     **params: Any,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Per-position `D(π_θ(·|c_t) ‖ π_ref(·|c_t))` computed only where `mask` is set; 0 elsewhere.
 
     The masked positions of the `[B, T]` grid are compacted to the front (a stable sort), processed
@@ -285,10 +286,13 @@ def masked_divergence(
       policy_unembed, ref_unembed: [H, V] unembeddings.
       mask: [B, T] positions to compute (bool or 0/1).
       block_size: positions per block, >= 1.
+      return_converged: also return where the solver converged (Wasserstein: every Sinkhorn solve
+        reached its threshold; other divergences have no solver and are always True).
       **params: the divergence's hyperparameters (e.g. `cost_embeddings`, `epsilon`, `top_k`).
 
     Returns:
-      [B, T] divergences, exactly 0 where `mask` is 0.
+      [B, T] divergences, exactly 0 where `mask` is 0; with `return_converged`, `(divergences,
+      converged [B, T] bool)`, True where `mask` is 0.
 
     Example:
       >>> import jax.numpy as jnp
@@ -327,12 +331,21 @@ def masked_divergence(
         idx = jax.lax.dynamic_slice(order_padded, (start,), (bs,))
         lp = _chunk_logits(hp[idx][None], policy_unembed)[0]
         lq = _chunk_logits(hr[idx][None], ref_unembed)[0]
-        d = _divergences.divergence(name, lp, lq, **params).astype(out_dtype)
-        return jnp.where(start + jnp.arange(bs) < count, d, 0.0)
+        if name == "wasserstein":
+            d, ok = _divergences.divergence(name, lp, lq, return_converged=True, **params)
+        else:
+            d, ok = _divergences.divergence(name, lp, lq, **params), jnp.ones((bs,), bool)
+        live = start + jnp.arange(bs) < count
+        return jnp.where(live, d.astype(out_dtype), 0.0), jnp.where(live, ok, True)
 
     def block(i):
         start = i * bs
-        return jax.lax.cond(start < count, solve, lambda s: jnp.zeros((bs,), out_dtype), start)
+        skip = lambda s: (jnp.zeros((bs,), out_dtype), jnp.ones((bs,), bool))  # noqa: E731
+        return jax.lax.cond(start < count, solve, skip, start)
 
-    values = jax.lax.map(block, jnp.arange(n_blocks)).reshape(-1)[:n]
-    return jnp.zeros((n,), out_dtype).at[order].set(values).reshape(b, t)
+    values, converged = jax.lax.map(block, jnp.arange(n_blocks))
+    values = jnp.zeros((n,), out_dtype).at[order].set(values.reshape(-1)[:n]).reshape(b, t)
+    if not return_converged:
+        return values
+    converged = jnp.ones((n,), bool).at[order].set(converged.reshape(-1)[:n]).reshape(b, t)
+    return values, converged

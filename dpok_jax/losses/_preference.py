@@ -116,10 +116,40 @@ def implicit_reward(name: str, policy_logps, ref_logps, *, beta, **params) -> ja
         if not isinstance(a, numbers.Real) or isinstance(a, bool) or not np.isfinite(a):
             raise ValueError(f"alpha must be a finite Python real number; got {a!r}")
         # a = 0 is the limit (1 − u^(−a))/a → log u: reverse KL, exactly.
-        f = x if a == 0 else (1.0 - _capped_exp(-a * x)) / a
+        if a == 0:
+            f = x
+        else:
+            return _alpha_reward(x, float(a), beta)
     else:
         raise ValueError(f"unknown implicit reward name {name!r}; expected one of {list(REWARDS)}")
     return beta * f
+
+
+def _alpha_reward(x, a: float, beta):
+    """``β (1 − e^(−a x)) / a``, finite with a finite gradient for every finite log-ratio ``x``.
+
+    With ``y = −a x``: for ``y <= 1`` it is ``−(β/a) expm1(y)`` (bounded, and exact near ``x = 0``
+    where ``1 − e^y`` cancels). For ``y > 1`` it is ``β/a − sign(a) · exp(E)`` with
+    ``E = y + log(β/|a|)``: β and 1/a are folded into the exponent instead of multiplying an
+    exponential that may already be near the dtype's largest number (``(1 − e^88.7)/0.5`` is −inf in
+    float32, and a chosen − rejected difference of two such rewards NaN). ``E`` is capped at
+    ``log(max/4) − max(0, log|a|)`` so that each reward, its gradient ``β e^y = |a| e^E`` and the
+    chosen − rejected difference stay finite; ``y`` is also capped at TRL's ``cap_exp`` bound
+    (``log(max)``, 4 decimals), so values equal TRL's wherever TRL's are finite. Past the cap the reward
+    is constant (gradient 0), like TRL's.
+    """
+    dtype = x.dtype
+    log_max = float(np.log(np.finfo(dtype).max))
+    trl_cap = np.floor(log_max * 1e4) / 1e4
+    beta = jnp.asarray(beta, dtype)
+    y = -a * x
+    small = y <= 1.0
+    near = -(beta / a) * jnp.expm1(jnp.where(small, y, 0.0))
+    log_scale = jnp.log(beta) - np.log(abs(a))  # log(β/|a|)
+    e_cap = log_max - np.log(4.0) - max(0.0, float(np.log(abs(a))))
+    exponent = jnp.minimum(jnp.minimum(jnp.where(small, 1.0, y), trl_cap) + log_scale, e_cap)
+    far = beta / a - np.sign(a) * jnp.exp(exponent)
+    return jnp.where(small, near, far)
 
 
 def preference_loss(link: str, margin, **params) -> jax.Array:

@@ -36,7 +36,7 @@ def test_full_support_matches_exact_linear_program(x64, epsilon):
     v = 6
     pl, rl, emb = _setup(0, v, 3)
     got = losses.divergence("wasserstein", jnp.asarray(pl), jnp.asarray(rl), cost_embeddings=jnp.asarray(emb),
-                            epsilon=epsilon, top_k=v, threshold=1e-10, max_iterations=50_000)
+                            epsilon=epsilon, top_k=v, threshold=1e-10, max_iterations=50_000, debiased=False)
     p, q = jax.nn.softmax(pl, -1), jax.nn.softmax(rl, -1)
     exact = np.array([_exact_ot(np.asarray(p[i]), np.asarray(q[i]), _cosine_cost(emb)) for i in range(3)])
     print(f"eps={epsilon}: sinkhorn {np.round(np.asarray(got), 5)}, exact OT {np.round(exact, 5)}")
@@ -49,10 +49,11 @@ def test_topk_truncation_error_is_bounded():
     v, eps = 64, 0.05
     pl, rl, emb = _setup(1, v, 16, scale=4.0)  # peaked, as LM next-token distributions mostly are
     pl, rl, emb = jnp.asarray(pl, jnp.float32), jnp.asarray(rl, jnp.float32), jnp.asarray(emb, jnp.float32)
-    full = losses.divergence("wasserstein", pl, rl, cost_embeddings=emb, epsilon=eps, top_k=v, threshold=1e-4)
+    kw = dict(cost_embeddings=emb, epsilon=eps, threshold=1e-4, debiased=False)
+    full = losses.divergence("wasserstein", pl, rl, top_k=v, **kw)
     p, q = jax.nn.softmax(pl, -1), jax.nn.softmax(rl, -1)
     for k in (4, 16):
-        approx = losses.divergence("wasserstein", pl, rl, cost_embeddings=emb, epsilon=eps, top_k=k, threshold=1e-4)
+        approx = losses.divergence("wasserstein", pl, rl, top_k=k, **kw)
         support = jnp.zeros_like(p, bool)
         for dist in (p, q):
             support = support | (dist >= jax.lax.top_k(dist, k)[0][..., -1:])
