@@ -8,6 +8,7 @@ or a value of the wrong type is an error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -88,7 +89,9 @@ class LossSection:
     renyi_order: float = 0.5
     f_name: str = "chi2"
     wasserstein_epsilon: float = 0.1
-    wasserstein_top_k: int = 8
+    # Top-k truncation error against exact OT (bench/wasserstein_topk_error.py, docs/math.md): top-8
+    # lost 5-9% of the transport cost at V=40-50 (entropy ~2.3 nats), top-16 2-3%.
+    wasserstein_top_k: int = 16
     sft_weight: float = 0.0
     chunk_size: int = 64
 
@@ -202,6 +205,11 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.embeddings == "encoder" and not cfg.loss.encoder_path:
         raise ValueError("config loss.embeddings=encoder needs loss.encoder_path (a sentence-transformers folder)")
     _check_choice(cfg.loss.logp_reduction, ("sum", "mean"), "loss.logp_reduction")
+    if cfg.loss.link == "ipo" and cfg.loss.logp_reduction == "sum":
+        warnings.warn("config loss.link=ipo with loss.logp_reduction=sum: IPO's target margin 1/(2β) is "
+                      "meant for length-normalized log-probs (TRL's IPO averages them); set "
+                      "loss.logp_reduction=mean unless summed log-probs are intended", UserWarning,
+                      stacklevel=2)
     _check_choice(cfg.reference.mode, ("live", "precomputed"), "reference.mode")
     _check_choice(cfg.sft.responses, ("chosen", "both"), "sft.responses")
     positive = {
