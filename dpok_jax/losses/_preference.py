@@ -70,7 +70,9 @@ def implicit_reward(name: str, policy_logps, ref_logps, *, beta, **params) -> ja
     ``f_divergence_type`` logits times β (``reverse_kl``, ``forward_kl``, ``js_divergence``;
     ``alpha_divergence`` with TRL's older ``alpha_divergence_coef = a``, or equivalently newer TRL's
     ``f_alpha_divergence_coef = 1 − a``, whose f'(u) = (u^(α−1) − 1)/(α−1)). Exponentials are capped
-    like TRL's ``cap_exp`` (finite for any log-ratio, with ``β <= 1``).
+    like TRL's ``cap_exp``; the alpha reward also folds β/a into its exponent and caps it so that
+    rewards, their differences and gradients are finite for any finite log-ratio and any β > 0
+    (``_alpha_reward``).
 
     Args:
       name: ``"reverse_kl"``, ``"forward_kl"``, ``"js"`` or ``"alpha"``.

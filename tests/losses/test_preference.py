@@ -331,3 +331,64 @@ def test_bad_inputs_raise():
         losses.dpo_kernels_loss(x, x, x, x, beta=0.1, sft_weight=0.1, chosen_nll=jnp.zeros(4))
     with pytest.raises(ValueError, match="unknown kernel"):
         losses.dpo_kernels_loss(x, x, x, x, beta=0.1, kernel="cosine")
+
+
+# alpha rewards far from the reference (issue 10) ------------------------------------------------------
+
+
+def _trl_float32_alpha_loss(x_chosen, x_rejected, a, beta):
+    """TRL's alpha_divergence logits in float32 with its cap_exp, then −log σ(β·logits)."""
+    f32 = np.float32
+    cap = f32(np.floor(np.log(np.finfo(f32).max) * 1e4) / 1e4)
+    capped = lambda x: np.exp(np.minimum(f32(-a) * f32(x), cap))  # noqa: E731
+    logits = (capped(x_rejected) - capped(x_chosen)) / f32(a)
+    return float(np.logaddexp(0.0, -float(beta) * float(logits)))
+
+
+def test_alpha_reward_below_minus_177_nats_is_finite_and_equals_trl():
+    # Sequence log-ratios of −300 and −200 nats (sum reduction, a = 0.5, β = 0.1): u^(−a) overflows
+    # float32; the loss was NaN, TRL's capped formula gives log 2.
+    pc, pr = jnp.array([-300.0], jnp.float32), jnp.array([-200.0], jnp.float32)
+    z = jnp.zeros(1, jnp.float32)
+    f = lambda c, r: losses.dpo_kernels_loss(c, r, z, z, beta=0.1, reward="alpha",  # noqa: E731
+                                             reward_params={"alpha": 0.5})[0]
+    for fn in (f, jax.jit(f)):
+        loss, grads = jax.value_and_grad(fn, argnums=(0, 1))(pc, pr)
+        np.testing.assert_allclose(loss, _trl_float32_alpha_loss(-300.0, -200.0, 0.5, 0.1), rtol=1e-6)
+        np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
+        assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+@functools.lru_cache(maxsize=None)
+def _alpha_value_and_grad(a, beta):
+    def total(p, r):
+        return jnp.sum(losses.implicit_reward("alpha", p, r, beta=beta, alpha=a))
+
+    def loss(p, r):
+        v = losses.implicit_reward("alpha", p, r, beta=beta, alpha=a)
+        return jnp.sum(losses.preference_loss("sigmoid", v[:2] - v[2:]))
+
+    return jax.jit(lambda p, r: (losses.implicit_reward("alpha", p, r, beta=beta, alpha=a),
+                                 jax.grad(total, argnums=(0, 1))(p, r), loss(p, r),
+                                 jax.grad(loss)(p, r)))
+
+
+@pytest.mark.parametrize("a", [0.1, 0.5, 1.7, -0.4, 5.0])
+@pytest.mark.parametrize("beta", [0.01, 0.1, 10.0])
+@settings(max_examples=15, deadline=None)
+@given(x=st.floats(-1e4, 1e4, allow_nan=False), y=st.floats(-1e4, 1e4, allow_nan=False))
+def test_alpha_reward_finite_for_any_log_ratio_any_beta(a, beta, x, y):
+    pol = jnp.array([x, y, -1e4, 1e4], jnp.float32)
+    v, grads, loss, lgrad = _alpha_value_and_grad(a, beta)(pol, jnp.zeros(4, jnp.float32))
+    assert np.all(np.isfinite(v)) and all(np.all(np.isfinite(g)) for g in grads)
+    assert np.isfinite(loss) and np.all(np.isfinite(lgrad))
+
+
+@pytest.mark.parametrize("a", [0.5, 1.7, -0.4])
+def test_alpha_reward_float64_values_and_gradients_across_both_forms(x64, a):
+    # −a x from 0.2 to 600: the expm1 form (−a x <= 1) and the exponent form (> 1), TRL's values.
+    x = -np.array([0.2, 0.9, 1.1, 30.0, 600.0]) / a
+    got = losses.implicit_reward("alpha", x, np.zeros_like(x), beta=0.3, alpha=a)
+    np.testing.assert_allclose(got, 0.3 * (1.0 - np.exp(-a * x)) / a, rtol=1e-12)
+    check_grads(lambda t: losses.implicit_reward("alpha", t, jnp.zeros_like(t), beta=0.3, alpha=a),
+                (jnp.asarray(x),), order=1, modes=("fwd", "rev"), rtol=1e-6)
