@@ -419,3 +419,37 @@ def test_traced_params_skip_value_checks():
     a = jnp.ones((2, 3))
     v = jax.jit(lambda s: losses.kernel_log("rbf", a, a * 2, sigma=s))(jnp.float32(1.0))
     np.testing.assert_allclose(v, -1.5, rtol=1e-6)
+
+
+# polynomial kernel off the unit sphere (issue 10) -----------------------------------------------------
+
+
+def test_polynomial_even_degree_negative_base_is_log_of_positive_kernel(x64):
+    # ⟨a,b⟩ + c = −4 + 2 = −2: K = (−2)^2 = 4 > 0, log K = log 4 (was NaN).
+    got = losses.kernel_log("polynomial", jnp.array([[1.0, 2.0]]), jnp.array([[-2.0, -1.0]]), c=2.0, degree=2)
+    np.testing.assert_allclose(got, [np.log(4.0)], rtol=1e-14)
+    rng = np.random.default_rng(30)
+    a, b = rng.normal(size=(2, 16, 3)) * 2.0
+    for degree in (2, 4):
+        base = np.sum(a * b, -1) + 1.5
+        assert np.any(base < 0)
+        want = np.log(base.astype(np.float64) ** degree)
+        got = losses.kernel_log("polynomial", a, b, c=1.5, degree=degree)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        check_grads(lambda x, y: losses.kernel_log("polynomial", x, y, c=1.5, degree=degree),
+                    (jnp.asarray(a), jnp.asarray(b)), order=1, modes=("fwd", "rev"))
+
+
+def test_polynomial_odd_degree_nonpositive_kernel_is_minus_inf_with_zero_gradient():
+    a = jnp.array([[1.0, 2.0], [1.0, 0.0], [1.0, 2.0]])
+    b = jnp.array([[-2.0, -1.0], [0.5, 0.0], [-1.0, -0.5]])  # bases −2, 2.5, 0 (c = 2)
+    f = lambda x: losses.kernel_log("polynomial", x, b, c=2.0, degree=3)  # noqa: E731
+    val = f(a)
+    assert val[0] == -jnp.inf and val[2] == -jnp.inf
+    np.testing.assert_allclose(val[1], 3.0 * np.log(2.5), rtol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(f(x)), f(x), 0.0)))(a)
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[[0, 2]] == 0.0)
+    # Even degree with a zero base: −inf with a zero (not NaN) gradient too.
+    g2 = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(
+        losses.kernel_log("polynomial", x, b, c=2.0, degree=2)), 0.0, 1.0)))(a)
+    assert np.all(np.isfinite(g2))
