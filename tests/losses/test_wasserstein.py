@@ -140,3 +140,84 @@ def test_gibbs_geometry_equals_otts_dense_geometry(x64):
     leaves = jax.tree.leaves(ours)
     assert any(leaf.shape == (7, 7) and np.allclose(leaf, np.exp(-cost / 0.1)) for leaf in leaves)
     assert type(jax.tree.unflatten(jax.tree.structure(ours), leaves)) is type(ours)
+
+
+# issue 10: the debiased default, its accuracy near p = q, and convergence reporting ------------------
+
+
+def _near_identity(seed, v=50, n=3, delta=0.0):
+    rng = np.random.default_rng(seed)
+    ql = 2.0 * rng.normal(size=(n, v))
+    return ql + delta * rng.normal(size=(n, v)), ql, rng.normal(size=(v, 8))
+
+
+def test_default_is_debiased_zero_value_and_gradient_at_identity(x64):
+    pl, _, emb = (jnp.asarray(x) for x in _near_identity(10))
+    kw = dict(cost_embeddings=emb, epsilon=0.1, top_k=8)
+    vg = jax.value_and_grad(lambda a, deb, **t: jnp.sum(losses.divergence("wasserstein", a, pl, debiased=deb,
+                                                                          **kw, **t)))
+    val, grad = vg(pl, True)  # zero to the solver's tolerance (threshold 1e-5 by default) ...
+    assert abs(float(val)) < 1e-8 and float(jnp.linalg.norm(grad)) < 1e-3
+    val, grad = vg(pl, True, threshold=1e-10, max_iterations=20_000)  # ... and with it
+    assert abs(float(val)) < 1e-12 and float(jnp.linalg.norm(grad)) < 1e-8
+    np.testing.assert_allclose(losses.divergence("wasserstein", pl, pl, **kw),
+                               losses.divergence("wasserstein", pl, pl, debiased=True, **kw))
+    # The biased cost pulls away from the reference: ~0.19 per position with a non-zero gradient.
+    val_b, grad_b = vg(pl, False)
+    assert float(val_b) / 3 > 0.1 and float(jnp.linalg.norm(grad_b)) > 1e-3
+
+
+def test_debiased_gradient_near_identity_is_right_at_the_default_threshold(x64):
+    pl, ql, emb = (jnp.asarray(x) for x in _near_identity(11, delta=1e-3))
+    kw = dict(cost_embeddings=emb, epsilon=0.1, top_k=8)
+    f = lambda a, **t: jnp.sum(losses.divergence("wasserstein", a, ql, **kw, **t))  # noqa: E731
+    v_ref, g_ref = jax.value_and_grad(lambda a: f(a, threshold=1e-12, max_iterations=50_000))(pl)
+    v_def, g_def = jax.value_and_grad(f)(pl)
+    err = float(jnp.linalg.norm(g_def - g_ref) / jnp.linalg.norm(g_ref))
+    v_old, g_old = jax.value_and_grad(lambda a: f(a, threshold=1e-3))(pl)
+    err_old = float(jnp.linalg.norm(g_old - g_ref) / jnp.linalg.norm(g_ref))
+    print(f"relative gradient error near p = q: default {err:.1e}, threshold 1e-3 {err_old:.1e}")
+    assert err < 2e-2 and abs(float(v_def - v_ref)) < 1e-3 * abs(float(v_ref))
+    assert err_old > 0.2  # why the default is not ott's 1e-3
+    check_grads(lambda a: f(a, threshold=1e-12, max_iterations=50_000), (pl,), order=1, modes=["rev"],
+                atol=1e-6, rtol=1e-4)
+
+
+def test_unconverged_sinkhorn_is_reported_not_silent():
+    v = 6
+    pl, rl, emb = (jnp.asarray(x, jnp.float32) for x in _setup(0, v, 8))
+    kw = dict(cost_embeddings=emb, epsilon=1e-3, top_k=v, debiased=False)
+    # Too few iterations: flags, and an eager call without them warns.
+    val, ok = losses.divergence("wasserstein", pl, rl, max_iterations=20, return_converged=True, **kw)
+    assert ok.shape == (8,) and ok.dtype == jnp.bool_ and not bool(jnp.all(ok))
+    with pytest.warns(RuntimeWarning, match="did not reach threshold"):
+        losses.divergence("wasserstein", pl, rl, max_iterations=20, **kw)
+    # The default iteration cap at small ε (max(2000, 20/ε)) converges these, and no value lies
+    # below the exact optimal cost (an unconverged plan does: 12 of 40 such problems before).
+    val, ok = losses.divergence("wasserstein", pl, rl, threshold=1e-3, return_converged=True, **kw)
+    p = np.asarray(jax.nn.softmax(pl), np.float64)
+    p = p / p.sum(-1, keepdims=True)
+    q = np.asarray(jax.nn.softmax(rl), np.float64)
+    q = q / q.sum(-1, keepdims=True)
+    exact = np.array([_exact_ot(p[i], q[i], _cosine_cost(np.asarray(emb, np.float64))) for i in range(8)])
+    assert bool(jnp.all(ok))
+    assert np.all(np.asarray(val) >= exact - 1e-4)
+
+
+def test_masked_divergence_reports_convergence_per_position():
+    v, b, t = 12, 2, 5
+    rng = np.random.default_rng(3)
+    h, rh = (jnp.asarray(rng.normal(size=(b, t, 4)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.normal(size=(4, v)), jnp.float32)
+    mask = jnp.asarray(rng.integers(0, 2, size=(b, t)))
+    emb = jnp.asarray(rng.normal(size=(v, 4)), jnp.float32)
+    kw = dict(cost_embeddings=emb, epsilon=1e-3, top_k=4, debiased=False, block_size=4)
+    d, ok = losses.masked_divergence("wasserstein", h, w, rh, w, mask, max_iterations=20,
+                                     return_converged=True, **kw)
+    assert ok.shape == (b, t) and bool(jnp.all(ok[mask == 0]))
+    assert not bool(jnp.all(ok[mask == 1]))
+    d2, ok2 = losses.masked_divergence("wasserstein", h, w, rh, w, mask, threshold=1e-3,
+                                       return_converged=True, **kw)
+    assert bool(jnp.all(ok2))
+    np.testing.assert_array_equal(losses.masked_divergence("wasserstein", h, w, rh, w, mask, threshold=1e-3,
+                                                           **kw), d2)
