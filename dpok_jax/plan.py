@@ -67,6 +67,7 @@ class Plan:
     held_bytes: int
     flops_per_device: float
     compile_seconds: float
+    model_flops: float = float("nan")
     headroom: float = 0.10
     notes: list = dataclasses.field(default_factory=list)
 
@@ -139,7 +140,10 @@ class Plan:
         if self.hbm_bytes is not None:
             lines.append(f"    {self.device_kind} HBM                {gib(self.hbm_bytes)}")
         lines.append(f"  FLOPs per step: {self.flops_per_device:.3e} per device, "
-                     f"{self.flops_per_device * self.devices:.3e} in all (XLA cost analysis)")
+                     f"{self.flops_per_device * self.devices:.3e} in all (XLA cost analysis, which counts "
+                     "the layer scan's body once)")
+        lines.append(f"  model FLOPs per step: {self.model_flops:.3e} (6 x params x tokens + attention, "
+                     "policy training only: the MFU numerator)")
         lines.append(f"  verdict: {self.verdict()}")
         for s in self.suggestions():
             lines.append(f"  suggestion: {s}")
@@ -305,8 +309,20 @@ def lower_train_step(cfg, devices=None):
     name = cfg.model.path or cfg.model.preset
     info = dict(model=f"{name} ({_count(params) / 1e9:.2f}B params, {mcfg.param_dtype} params, "
                       f"{mcfg.dtype} compute)",
-                mesh=dict(mesh.shape), devices=mesh.size, held=held, notes=notes, remat=mcfg.remat)
+                mesh=dict(mesh.shape), devices=mesh.size, held=held, notes=notes, remat=mcfg.remat,
+                model_flops=model_flops(mcfg, _count(params), 2 * cfg.train.batch_size * seq_len(cfg),
+                                        seq_len(cfg)))
     return lowered, info
+
+
+def model_flops(mcfg, n_params: int, tokens: int, seq: int) -> float:
+    """Training FLOPs of the policy per step, the usual MFU numerator (PaLM appendix B):
+    ``6 N tokens`` for the weight matmuls (N counted without the input embedding, a lookup) plus
+    ``6 · 2 · L · T · N_heads · D`` per token for attention scores and values (causal masking not
+    discounted). Excludes rematerialization and any reference forward pass."""
+    lookup = mcfg.vocab_size * mcfg.hidden_size if not mcfg.tie_word_embeddings else 0
+    attention = 12 * mcfg.num_layers * seq * mcfg.num_heads * mcfg.head_dim
+    return float(6 * (n_params - lookup) * tokens + attention * tokens)
 
 
 def _count(params) -> int:
@@ -344,7 +360,7 @@ def _plan(cfg, compiled, info, *, config_name, device_kind, hbm_bytes, headroom,
                 argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                 alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                 held_bytes=int(info["held"]), flops_per_device=_flops(compiled), compile_seconds=seconds,
-                headroom=headroom, notes=info["notes"])
+                headroom=headroom, notes=info["notes"], model_flops=info.get("model_flops", float("nan")))
 
 
 def check_fits(cfg, spec, train_step, state, ref_params, mesh, *, headroom: float = 0.0) -> Plan:

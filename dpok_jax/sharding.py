@@ -53,6 +53,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_head_dim", None),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    ("activation_embed_lookup", "tensor"),  # the embedding table's hidden axis while looking tokens up
 )
 
 # The mesh that `constrain` resolves activation specs against, set by `activation_mesh` around

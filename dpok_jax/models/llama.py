@@ -485,7 +485,11 @@ class Llama(nnx.Module):
         mask = attention_mask  # [B, S] key padding; the layers add the causal mask
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
 
-        x = constrain(jnp.take(self.input_embeddings(), input_ids, axis=0).astype(dt), _BTH)  # [B, T, H]
+        # The lookup reads a copy of the table in the compute dtype laid out [V, H/tensor]: a gather
+        # from the parameter's own (vocab, embed) layout conflicts with batch-sharded outputs and
+        # makes the partitioner replicate the whole [B, T, H] result.
+        table = constrain(self.input_embeddings().astype(dt), (None, "activation_embed_lookup"))
+        x = constrain(jnp.take(table, input_ids, axis=0), _BTH)  # [B, T, H]
 
         layer_def, layer_state = nnx.split(self.layers)
 
