@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -129,3 +130,55 @@ def _abstract(x):
 
 def _is_scalar(v) -> bool:
     return isinstance(v, (int, float)) or (hasattr(v, "shape") and v.shape == ())
+
+
+def restore_policy(directory: str | Path) -> tuple[int, dict]:
+    """`(step, nested dict of numpy arrays)`: only the policy's parameters (no optimizer state; orbax
+    partial restore) of the newest checkpoint under `directory` that reads back (a damaged one is
+    skipped with a message), placed on this machine's first device whatever mesh wrote it. Raises if
+    there is none, or if its weights are not all finite."""
+    ckpt_dir = Path(directory).absolute()
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                       "data": ocp.JsonCheckpointHandler()})
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        for step in steps:
+            try:
+                meta = manager.item_metadata(step)["state"]
+                policy_meta = meta["params"]["policy"]
+                abstract = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                    policy_meta)
+                item = {"params": {"policy": abstract}}
+                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True)))
+            except Exception as err:  # damaged files: orbax/tensorstore raise many types
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                print(f"Checkpoint {step} in {ckpt_dir} cannot be read ({reason}); trying the "
+                      "previous one.", flush=True)
+                continue
+            policy = jax.tree.map(np.asarray, _unwrap_values(restored["state"]["params"]["policy"]))
+            bad = sum(int(np.size(x) - np.isfinite(x).sum()) for x in jax.tree.leaves(policy)
+                      if np.issubdtype(np.asarray(x).dtype, np.floating))
+            if bad:
+                raise ValueError(f"checkpoint {step} in {ckpt_dir} holds {bad} non-finite weights: "
+                                 "refusing to export a broken model")
+            return int(step), policy
+        raise FileNotFoundError(f"no readable checkpoint in {ckpt_dir} (tried steps {steps})")
+    finally:
+        manager.close()
+
+
+def _unwrap_values(tree):
+    """Restores without an NNX target keep variables as `{"value": array}`; the pure dict has arrays."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: _unwrap_values(v) for k, v in tree.items()}
+    return tree

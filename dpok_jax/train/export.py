@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from dpok_jax.config import Config, load_config
+from dpok_jax.train.checkpoint import restore_policy
 
 
 def _run_config(run_dir: Path) -> Config:
@@ -26,47 +25,6 @@ def _run_config(run_dir: Path) -> Config:
     return load_config(config_file)
 
 
-def restore_policy_arrays(run_dir: Path) -> tuple[int, dict]:
-    """`(step, nested dict of numpy arrays)` of the policy in the newest checkpoint that reads back
-    (a damaged one is skipped with a message). Raises if there is none or its weights are not finite."""
-    ckpt_dir = (Path(run_dir) / "checkpoints").absolute()
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    manager = ocp.CheckpointManager(ckpt_dir, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                       "data": ocp.JsonCheckpointHandler()})
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    try:
-        steps = sorted(manager.all_steps(), reverse=True)
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        for step in steps:
-            try:
-                meta = manager.item_metadata(step)["state"]
-                policy_meta = meta["params"]["policy"]
-                abstract = jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
-                    policy_meta)
-                item = {"params": {"policy": abstract}}
-                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True)))
-            except Exception as err:  # damaged files: orbax/tensorstore raise many types
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                print(f"Checkpoint {step} in {ckpt_dir} cannot be read ({reason}); trying the "
-                      "previous one.", flush=True)
-                continue
-            policy = jax.tree.map(np.asarray, _unwrap_values(restored["state"]["params"]["policy"]))
-            bad = sum(int(np.size(x) - np.isfinite(x).sum()) for x in jax.tree.leaves(policy)
-                      if np.issubdtype(np.asarray(x).dtype, np.floating))
-            if bad:
-                raise ValueError(f"checkpoint {step} in {ckpt_dir} holds {bad} non-finite weights: "
-                                 "refusing to export a broken model")
-            return int(step), policy
-        raise FileNotFoundError(f"no readable checkpoint in {ckpt_dir} (tried steps {steps})")
-    finally:
-        manager.close()
-
-
 def load_run_policy(run_dir: str | Path) -> tuple[Any, Any, Config]:
     """`(model, tokenizer, cfg)`: the run's trained policy as an NNX Llama on this machine."""
     from dpok_jax import data as data_lib
@@ -74,7 +32,7 @@ def load_run_policy(run_dir: str | Path) -> tuple[Any, Any, Config]:
 
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
-    _, policy = restore_policy_arrays(run_dir)
+    _, policy = restore_policy(Path(run_dir) / "checkpoints")
     tokenizer = data_lib.load_tokenizer(tokenizer_source(cfg))
     model = model_skeleton(cfg, tokenizer)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -142,12 +100,3 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return chars
-
-
-def _unwrap_values(tree):
-    """Restores without an NNX target keep variables as `{"value": array}`; the pure dict has arrays."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"}:
-            return tree["value"]
-        return {k: _unwrap_values(v) for k, v in tree.items()}
-    return tree

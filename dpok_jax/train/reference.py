@@ -33,8 +33,9 @@ _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_embedding_prompt",
              "ref_embedding_chosen", "ref_embedding_rejected")
 
 
-def _reference_pass(fns: ModelFns, spec: StepSpec, top_k: int | None):
-    """Jitted: per-pair reference log-probs, pooled embeddings and optional top-k log-probs."""
+def _reference_pass(fns: ModelFns, spec: StepSpec, top_k: int | None, params, batch_sharding):
+    """Jitted: per-pair reference log-probs, pooled embeddings and optional top-k log-probs, with
+    explicit shardings (parameters where they are, every output over the batch axes)."""
 
     def fn(ref_params, batch):
         ids, attn, resp = _pair_arrays(batch)
@@ -54,7 +55,8 @@ def _reference_pass(fns: ModelFns, spec: StepSpec, top_k: int | None):
             out["ref_topk_logps"] = jnp.stack([lp[:b], lp[b:]], axis=1)
         return out
 
-    return jax.jit(fn)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(fn, in_shardings=(param_shardings, batch_sharding), out_shardings=batch_sharding)
 
 
 def training_embeddings(*, fns: ModelFns, spec: StepSpec, params, batches: Iterable[dict],
@@ -68,7 +70,8 @@ def training_embeddings(*, fns: ModelFns, spec: StepSpec, params, batches: Itera
     """
     cols: dict[str, list] = {k: [] for k in ("prompt", "chosen", "rejected")}
     count = 0
-    fn = None if spec.embeddings == "dataset" else _reference_pass(fns, spec, None)
+    fn = None if spec.embeddings == "dataset" else \
+        _reference_pass(fns, spec, None, params, batch_sharding)
     for batch in batches:
         _check_stop(stop, "kernel fitting")
         valid = host_rows({"valid": batch["valid"]}, batch_sharding)["valid"].astype(bool)
@@ -150,8 +153,8 @@ class ReferenceCache:
         if "ref_topk_indices" in self.arrays:
             positions = np.asarray(batch["chosen_input_ids"]).shape[1] - 1
             for key in ("ref_topk_indices", "ref_topk_logps"):
-                a = self.arrays[key][idx][:, :, :positions]  # [b, 2, L-1, k]
-                out[key] = np.concatenate([a[:, 0], a[:, 1]], axis=0)  # [2b, L-1, k]
+                # [b, 2, L-1, k]: one row per pair, so each host's rows stay its own pairs.
+                out[key] = self.arrays[key][idx][:, :, :positions]
         return out
 
     def attach(self, batcher) -> "_CachedBatcher":
@@ -209,7 +212,7 @@ def precomputed_reference(*, fns: ModelFns, spec: StepSpec, ref_params, pairs,
             arrays = {k: f[k] for k in f.files}
         print(f"Reference values loaded from {path}.", flush=True)
         return ReferenceCache(arrays, int(arrays.pop("_width")))
-    fn = _reference_pass(fns, spec, top_k)
+    fn = _reference_pass(fns, spec, top_k, ref_params, batch_sharding)
     arrays: dict[str, np.ndarray] = {}
     n = int(np.max(pairs.example_index)) + 1
     from tqdm.auto import tqdm

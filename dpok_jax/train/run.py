@@ -238,7 +238,10 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop
     cache = None
     if spec.reference == "precomputed":
         cache = _reference_cache(p, spec, ref_params, run_dir, "train", stop)
-    eval_step = jax.jit(make_eval_step(p.fns, spec, kernel_params))
+    eval_step = jax.jit(make_eval_step(p.fns, spec, kernel_params),
+                        in_shardings=(jax.tree.map(lambda x: x.sharding, state.params),
+                                      p.param_shardings, p.batch_sharding),
+                        out_shardings=p.batch_sharding)
     batcher = _batcher(p.train_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
     eval_batcher = _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
     if cache is not None:

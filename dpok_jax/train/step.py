@@ -7,7 +7,7 @@ merged into it inside the traced function (`nnx.merge`), so the jitted functions
 Batch layout (from `dpok_jax.data.PreferenceBatcher`): `{chosen,rejected}_{input_ids,attention_mask,
 response_mask}` [b, L] int32, `task_id` [b], `valid` [b]; in precomputed-reference mode also
 `ref_chosen_logps`, `ref_rejected_logps` [b], `ref_embedding_{prompt,chosen,rejected}` [b, H] and,
-for divergences, `ref_topk_indices` / `ref_topk_logps` [2b, L-1, k]; with dataset embeddings,
+for divergences, `ref_topk_indices` / `ref_topk_logps` [b, 2, L-1, k]; with dataset embeddings,
 `embedding_{prompt,chosen,rejected}` [b, d].
 """
 
@@ -83,6 +83,12 @@ def pooled_embeddings(hidden: jax.Array, attn: jax.Array, resp: jax.Array) -> tu
 _DIVERGENCE_BLOCK = 128  # response positions per block of the masked Wasserstein computation
 
 
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of `values` over positions where `mask` is set (0 for an empty mask), float32."""
+    m = mask.astype(jnp.float32)
+    return jnp.sum(jnp.where(m > 0, values.astype(jnp.float32), 0.0) * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 def _sequence_reduce(token_logps: jax.Array, mask: jax.Array, reduction: str) -> jax.Array:
     m = mask.astype(jnp.float32)
     total = jnp.sum(token_logps * m, axis=-1)
@@ -120,6 +126,7 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
         div_kwargs["cost_embeddings"] = jax.lax.stop_gradient(
             fns.input_embeddings(trainable["policy"]).astype(jnp.float32))
     ref_hidden = None
+    extra_metrics = {}
     if spec.reference == "live":
         ref_hidden, ref_unembed = jax.lax.stop_gradient(fns.hidden(ref_params, ids, attn))
         # The Wasserstein penalty solves one OT problem per position: only the response positions
@@ -131,20 +138,30 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
             divergence=fused, chunk_size=spec.chunk_size, **(div_kwargs if fused else {}),
         )
         if divergence == "wasserstein":
-            div = losses.masked_divergence(
+            div, converged = losses.masked_divergence(
                 divergence, hidden[:, :-1], unembed, ref_hidden[:, :-1], ref_unembed, mask,
-                block_size=_DIVERGENCE_BLOCK, **div_kwargs)
+                block_size=_DIVERGENCE_BLOCK, return_converged=True, **div_kwargs)
+            extra_metrics["divergence/sinkhorn_converged"] = _masked_mean(
+                converged.astype(jnp.float32), mask)
         ref_seq = _sequence_reduce(ref_tok, mask, spec.logp_reduction)
     else:
         ref_topk = None
         if divergence is not None:
-            ref_topk = (batch["ref_topk_indices"], batch["ref_topk_logps"])
+            # [b, 2, L-1, k] per pair (so the rows of a batch stay together over hosts) ->
+            # [2b, L-1, k], chosen rows then rejected rows, like the model's inputs.
+            ref_topk = tuple(jnp.concatenate([a[:, 0], a[:, 1]], axis=0) for a in
+                             (batch["ref_topk_indices"], batch["ref_topk_logps"]))
         pol_tok, _, div = losses.chunked_logps_and_divergence(
             hidden[:, :-1], unembed, labels, ref_topk=ref_topk, divergence=divergence,
             chunk_size=spec.chunk_size, **div_kwargs,
         )
         ref_seq = jnp.concatenate([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
     pol_seq = _sequence_reduce(pol_tok, mask, spec.logp_reduction)
+    if divergence in ("squared_hellinger", "hellinger"):
+        # SPEC §6: the distance H = sqrt(H²) is reported, never trained on (infinite gradient at
+        # p = q): the masked mean of the per-position distances.
+        extra_metrics["divergence/hellinger_distance"] = _masked_mean(
+            jnp.sqrt(jnp.maximum(jax.lax.stop_gradient(div), 0.0)), mask)
     b = ids.shape[0] // 2
     embeddings = None
     if spec.uses_kernel:
@@ -160,7 +177,7 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     return dict(
         pol_chosen=pol_seq[:b], pol_rejected=pol_seq[b:], ref_chosen=ref_seq[:b],
         ref_rejected=ref_seq[b:], embeddings=embeddings, div=div, div_mask=mask, chosen_nll=nll,
-        tokens=jnp.sum(attn),
+        tokens=jnp.sum(attn), extra_metrics=extra_metrics,
     )
 
 
@@ -191,7 +208,7 @@ def make_loss_fn(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) -> C
             chosen_nll=out["chosen_nll"] if spec.sft_weight > 0 else None,
             **kernel_kwargs, **div_kwargs,
         )
-        metrics = dict(metrics)
+        metrics = dict(metrics, **jax.lax.stop_gradient(out["extra_metrics"]))
         metrics["tokens"] = out["tokens"].astype(jnp.float32)
         return loss, metrics
 

@@ -256,3 +256,41 @@ def test_precomputed_reference_is_recomputed_when_the_data_changes(tmp_path):
     # belong to this data (a stale cache gave 32.75 here).
     np.testing.assert_allclose(first_losses, [np.log(2.0)] * 2, rtol=1e-5)
     assert len(list((tmp_path / "cache").glob("train-*.npz"))) == 2
+
+
+# --- SFT on an fsdp mesh; export on a machine with fewer devices ---------------------------------
+
+def test_sft_on_a_sharded_mesh_then_export_on_one_device_with_tokenizer(tmp_path):
+    """SFT + fsdp > 1 failed in one process ("Sharding passed to jit does not match"); export must
+    restore only the parameters, on a machine with 1 device, and write loadable tokenizer files."""
+    import subprocess
+    import sys
+
+    cfg = _cfg(tmp_path / "run", "train.steps=1", "sft.steps=2", "sft.batch_size=8",
+               "model.num_kv_heads=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    summary = run_lib.run(cfg, devices=jax.devices()[:8])
+    assert summary["steps"] == 1
+    out = tmp_path / "hf"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done = subprocess.run([sys.executable, "-m", "dpok_jax.cli", "export", cfg.run_dir, str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from transformers import AutoTokenizer
+
+    from dpok_jax.data.tokenizer import ByteTokenizer
+    from dpok_jax.models import load_llama
+    from dpok_jax.train.checkpoint import restore_policy
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "Ünïcode 🤖 and\ttabs"
+    assert tok.encode(text, add_special_tokens=False) == ByteTokenizer().encode(text)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        ByteTokenizer().apply_chat_template(messages, add_generation_prompt=True)
+    _, policy = restore_policy(Path(cfg.run_dir) / "checkpoints")
+    from flax import nnx
+
+    exported = nnx.to_pure_dict(nnx.state(load_llama(out), nnx.Param))
+    for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(exported)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
