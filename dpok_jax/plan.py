@@ -423,7 +423,8 @@ def run_plan(config: str | None, overrides: list[str], *, devices: int | None, d
     import jax
 
     if jax.default_backend() == "cpu" and jax.device_count() >= n:
-        plan = plan_config(cfg, config_name=str(config) if config is not None else "(embedded default)", device_kind=device_kind, hbm_bytes=hbm,
+        name = str(config) if config is not None else "(embedded default)"
+        plan = plan_config(cfg, config_name=name, device_kind=device_kind, hbm_bytes=hbm,
                            devices=jax.devices()[:n], headroom=headroom)
     else:
         plan = _plan_in_subprocess(config, overrides, n, device_kind, hbm_gib, headroom)
