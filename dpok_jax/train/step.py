@@ -7,7 +7,7 @@ merged into it inside the traced function (`nnx.merge`), so the jitted functions
 Batch layout (from `dpok_jax.data.PreferenceBatcher`): `{chosen,rejected}_{input_ids,attention_mask,
 response_mask}` [b, L] int32, `task_id` [b], `valid` [b]; in precomputed-reference mode also
 `ref_chosen_logps`, `ref_rejected_logps` [b], `ref_embedding_{prompt,chosen,rejected}` [b, H] and,
-for divergences, `ref_topk_indices` / `ref_topk_logps` [2b, L-1, k]; with dataset embeddings,
+for divergences, `ref_topk_indices` / `ref_topk_logps` [b, 2, L-1, k]; with dataset embeddings,
 `embedding_{prompt,chosen,rejected}` [b, d].
 """
 
@@ -147,7 +147,10 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     else:
         ref_topk = None
         if divergence is not None:
-            ref_topk = (batch["ref_topk_indices"], batch["ref_topk_logps"])
+            # [b, 2, L-1, k] per pair (so the rows of a batch stay together over hosts) ->
+            # [2b, L-1, k], chosen rows then rejected rows, like the model's inputs.
+            ref_topk = tuple(jnp.concatenate([a[:, 0], a[:, 1]], axis=0) for a in
+                             (batch["ref_topk_indices"], batch["ref_topk_logps"]))
         pol_tok, _, div = losses.chunked_logps_and_divergence(
             hidden[:, :-1], unembed, labels, ref_topk=ref_topk, divergence=divergence,
             chunk_size=spec.chunk_size, **div_kwargs,
