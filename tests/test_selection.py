@@ -278,3 +278,29 @@ def test_auto_in_training_resolves_and_records(tmp_path):
     report = json.loads((tmp_path / "run" / "selection.json").read_text())
     assert report["n_pairs"] == 16
     assert summary["run"] == f"{report['kernel']['choice']}+hybrid+{report['divergence']['choice']}"
+
+
+_HH = __import__("pathlib").Path(__file__).parents[1] / ".." / "shared" / "data" / "hh-rlhf" / \
+    "harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _HH.exists(), reason=f"HH-RLHF test split not found at {_HH}")
+def test_dpok_select_on_hh_rlhf(tmp_path):
+    """`dpok select --data` on real preference pairs (tiny byte-level model: a demonstration of the
+    pipeline, not a meaningful choice for HH)."""
+    import json
+
+    from dpok_jax.cli import main
+    from dpok_jax.losses import registry
+
+    out = tmp_path / "sel.json"
+    assert main(["select", "--data", str(_HH), "--out", str(out), f"run_dir={tmp_path / 'run'}",
+                 "sft.steps=0", "data.max_prompt_length=192", "data.max_length=256", "data.buckets=[256]",
+                 "train.batch_size=16", "selection.max_pairs=32", "selection.smoothness_positions=32",
+                 "train.progress=false", "model.num_layers=1"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n_pairs"] == 32 and rep["kernel"]["choice"] in registry.KERNELS
+    assert rep["divergence"]["choice"] in registry.DIVERGENCES
+    assert any("single task" in n for n in rep["notes"])
+    assert all(rep["metrics"][k] is not None for k in ("PND", "PNAV", "TAT", "NAG", "overlap", "kurtosis"))
