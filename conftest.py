@@ -7,6 +7,10 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+from dpok_jax.xla_flags import ensure_cpu_collective_order  # noqa: E402 (imports only os)
+
+ensure_cpu_collective_order()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

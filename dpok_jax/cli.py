@@ -197,6 +197,9 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dpok_jax.xla_flags import ensure_cpu_collective_order
+
+    ensure_cpu_collective_order()  # before any JAX backend exists (see dpok_jax/xla_flags.py)
     parser = argparse.ArgumentParser(prog="dpok", description="DPO-Kernels training in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a policy (no arguments: the embedded default)")

@@ -242,6 +242,10 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.loss.gamma > 0 and cfg.loss.kernel == "none":
         raise ValueError("config loss.gamma > 0 needs a loss.kernel (e.g. hmk)")
+    if cfg.loss.eta > 0 and cfg.loss.kernel not in ("hmk", "mixture", "auto"):
+        raise ValueError(f"config loss.eta={cfg.loss.eta} (the mixture-entropy weight) needs "
+                         f"loss.kernel=hmk or mixture, got loss.kernel={cfg.loss.kernel!r}; set "
+                         "loss.eta=0")
     if cfg.loss.alpha > 0 and cfg.loss.divergence == "none":
         raise ValueError("config loss.alpha > 0 needs a loss.divergence (e.g. kl)")
     if cfg.loss.divergence == "wasserstein" and cfg.loss.alpha > 0 \

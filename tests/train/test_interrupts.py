@@ -23,7 +23,7 @@ ARGS = [
     "loss.chunk_size=32", "data.max_length=96", "data.max_prompt_length=48",
     "data.buckets=[96]", "train.eval_every=0", "train.checkpoint_every=1",
     "sft.steps=12", "sft.batch_size=8", "train.steps=9", "train.compare_with_dpo=true",
-    "loss.gamma=0.1", "loss.kernel=rbf",
+    "loss.gamma=0.1", "loss.kernel=rbf", "loss.eta=0",
 ]
 
 

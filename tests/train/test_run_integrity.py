@@ -49,6 +49,7 @@ def _cfg(run_dir, *extra):
     ("optim.warmup_steps=-1", "optim.warmup_steps"),
     ("optim.clip_norm=-1.0", "optim.clip_norm"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("loss.eta=0.1", "loss.eta"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(override, key, capsys):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
