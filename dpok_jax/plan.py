@@ -227,8 +227,9 @@ def abstract_batch(cfg, spec, hidden_size: int, mesh) -> dict:
             batch[f"ref_embedding_{k}"] = s((b, hidden_size), jnp.float32)
         if spec.uses_divergence:
             k = cfg.reference.top_k
-            batch["ref_topk_indices"] = s((2 * b, length - 1, k), jnp.int32)
-            batch["ref_topk_logps"] = s((2 * b, length - 1, k), jnp.float32)
+            # One row per pair (chosen, rejected), as `train.reference`'s cache serves them.
+            batch["ref_topk_indices"] = s((b, 2, length - 1, k), jnp.int32)
+            batch["ref_topk_logps"] = s((b, 2, length - 1, k), jnp.float32)
     return batch
 
 

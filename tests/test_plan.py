@@ -82,6 +82,31 @@ def test_abstract_batch_matches_the_real_batcher():
     assert seq_len(cfg) == 96
 
 
+def test_abstract_batch_with_precomputed_divergence_matches_the_reference_pass():
+    """The precomputed keys have the shapes and dtypes the jitted reference pass produces."""
+    from flax import nnx
+
+    from dpok_jax.models import Llama
+    from dpok_jax.sharding import batch_sharding, make_mesh, param_shardings
+    from dpok_jax.train import reference as reference_lib
+    from dpok_jax.train.run import step_spec
+    from dpok_jax.train.step import ModelFns
+
+    cfg = load_config(None, SMALL + ["loss.alpha=0.1", "loss.divergence=kl", "reference.top_k=4"])
+    spec = step_spec(cfg)
+    mcfg, _ = model_config(cfg)
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    planned = abstract_batch(cfg, spec, mcfg.hidden_size, mesh)
+    inputs = {k: v for k, v in planned.items() if k.startswith(("chosen_", "rejected_"))}
+    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params,
+                          param_shardings(mesh, params))
+    ref_pass = reference_lib._reference_pass(ModelFns(graphdef, rest), spec, 4, params, batch_sharding(mesh))
+    produced = jax.eval_shape(ref_pass, params, inputs)
+    for key, value in produced.items():
+        assert (planned[key].shape, planned[key].dtype) == (value.shape, value.dtype), key
+
+
 def test_model_shape_from_preset_when_the_checkpoint_is_absent():
     cfg = load_config(REPO / "configs" / "llama3_1_8b_tpu_pod.yaml")
     mcfg, notes = model_config(cfg)
