@@ -182,8 +182,8 @@ def test_registry_functions_and_keyword_params():
 
     cfg = LossSection()
     k = jax.random.split(jax.random.key(0), 4)
-    p, q = jax.random.normal(k[0], (2, 3, 11))
-    emb = jax.random.normal(k[1], (11, 4))
+    p, q = jax.random.normal(k[0], (2, 3, 40))  # V = 40 > every default top-k
+    emb = jax.random.normal(k[1], (40, 4))
     for name, v in registry.DIVERGENCES.items():
         kw = dict(registry.keyword_params("divergence", name, cfg))
         if name == "wasserstein":

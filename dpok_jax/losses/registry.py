@@ -90,8 +90,8 @@ def keyword_params(family: str, name: str, loss_section: Any) -> tuple[tuple[str
     """`((keyword, value), ...)` of one variant's hyperparameters, read from a `loss` config section.
 
     >>> from dpok_jax.config import LossSection
-    >>> keyword_params("divergence", "wasserstein", LossSection())
-    (('epsilon', 0.1), ('top_k', 8))
+    >>> keyword_params("divergence", "wasserstein", LossSection(wasserstein_epsilon=0.2, wasserstein_top_k=4))
+    (('epsilon', 0.2), ('top_k', 4))
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILIES)}")
