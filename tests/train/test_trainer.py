@@ -161,7 +161,7 @@ def test_wasserstein_penalty_trains_with_live_reference(tmp_path):
     run_lib.run(cfg, devices=jax.devices()[:1])
     rows = read_metrics(cfg.run_dir, "train")
     assert len(rows) == 2 and all(np.isfinite(r["divergence/wasserstein"]) for r in rows)
-    assert rows[0]["divergence/wasserstein"] >= 0.0
+    assert rows[0]["divergence/wasserstein"] >= -1e-6  # debiased: zero at p = q to solver tolerance
     with pytest.raises(ValueError, match="reference.mode=live"):
         _cfg(tmp_path / "w2", "loss.alpha=0.1", "loss.divergence=wasserstein",
              "reference.mode=precomputed")
