@@ -108,3 +108,24 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path):
         if isinstance(s0[key], float):
             assert s0[key] == pytest.approx(s1[key], rel=1e-6, abs=1e-7), key
     assert s0["steps"] == 4 and not s0["interrupted"]
+
+
+def test_batch_axes_that_do_not_span_the_processes_are_refused_before_any_work(tmp_path):
+    """2 processes x 4 devices on tensor=8: the batch would be replicated over both processes, each
+    feeding its own rows into it (they silently trained different models); now a clear error."""
+    run_dir = tmp_path / "tensor8"
+    global ARGS
+    saved = ARGS
+    ARGS = [a for a in saved if not a.startswith("mesh.")] + ["mesh.data=1", "mesh.fsdp=1",
+                                                              "mesh.tensor=8"]
+    try:
+        procs = _launch(run_dir, "tensor8")
+        codes = _wait(procs, 300)
+    finally:
+        ARGS = saved
+    assert codes == [2, 2], _logs(procs)
+    for _, log in procs:
+        text = log.read_text()
+        assert "the processes would feed different data into one batch" in text, text
+        assert "Traceback" not in text
+    assert not (run_dir / "checkpoints").exists()
