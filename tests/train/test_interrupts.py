@@ -58,6 +58,7 @@ def _interrupt_when(proc, ready, sig, log: Path, timeout=300.0) -> int:
     return proc.wait(timeout=timeout)
 
 
+@pytest.mark.slow  # five real `dpok train` processes: minutes on CI's 2 cores
 def test_every_phase_saves_on_signal_and_resumes_exactly(tmp_path):
     run_dir = tmp_path / "cut"
     phases = [

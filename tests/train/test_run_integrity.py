@@ -49,7 +49,6 @@ def _cfg(run_dir, *extra):
     ("optim.warmup_steps=-1", "optim.warmup_steps"),
     ("optim.clip_norm=-1.0", "optim.clip_norm"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
-    ("loss.eta=0.1", "loss.eta"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(override, key, capsys):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -57,6 +56,12 @@ def test_bad_settings_are_one_line_errors_naming_the_key(override, key, capsys):
     assert main(["train", override]) == 2
     err = capsys.readouterr().err.strip()
     assert key in err and len(err.splitlines()) == 1
+
+
+def test_entropy_weight_needs_a_mixture_kernel():
+    with pytest.raises(ValueError, match="loss.eta=0.1"):
+        load_config(None, ["loss.eta=0.1", "loss.kernel=rbf", "loss.gamma=0.1"])
+    assert load_config(None, ["loss.eta=0.1", "loss.kernel=hmk", "loss.gamma=0.1"]).loss.eta == 0.1
 
 
 def test_malformed_yaml_names_the_file_and_line(tmp_path, capsys):
