@@ -41,3 +41,17 @@ def test_overrides_and_errors(tmp_path):
 def test_cli_reports_bad_config(capsys):
     assert main(["train", "loss.kernel=nope"]) == 2
     assert "loss.kernel" in capsys.readouterr().err
+
+
+def test_ipo_link_with_summed_logps_warns():
+    """Issue 10 (docs drift): IPO's target margin 1/(2β) is meant for length-normalized log-probs; the
+    config default reduction is `sum`, so that combination warns and `mean` does not."""
+    import warnings
+
+    assert load_config(None, []).loss.logp_reduction == "sum"
+    with pytest.warns(UserWarning, match=r"loss\.link=ipo.*loss\.logp_reduction=mean"):
+        load_config(None, ["loss.link=ipo"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(None, ["loss.link=ipo", "loss.logp_reduction=mean"]).loss.link == "ipo"
+        load_config(None, ["loss.link=sigmoid"])
