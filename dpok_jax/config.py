@@ -65,6 +65,9 @@ class DataSection:
     # Share of a single-file source's usable pairs held out for evaluation (at least 1 pair, at most
     # max_eval_examples or 1000); ignored with eval_source or a folder that has an eval_split.
     eval_fraction: float = 0.05
+    # Padding-free packed pairs (dpok_jax.data.packing) in the DPO-Kernels step, the reference pass
+    # and evaluation: the same results without computing on padding. The SFT warm-up stays padded.
+    packing: bool = False
 
 
 @dataclass(frozen=True)

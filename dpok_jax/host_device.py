@@ -20,6 +20,9 @@ from jax.sharding import NamedSharding
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
     """Host-local numpy batch -> global jax arrays sharded over the batch axis (multi-host safe)."""
+    if "_pack" in batch:
+        raise ValueError("a batch planned for packing reached the devices unpacked: pass it through "
+                         "dpok_jax.data.packing.apply_packing first")
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for key, value in batch.items()}
 

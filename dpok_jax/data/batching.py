@@ -43,6 +43,12 @@ class PreferenceBatcher:
         With fewer pairs than one global batch and `drop_last`, training (`next`) raises a one-line
         error saying how many pairs it needs; `iterate_once` works with any number of pairs.
       process_index, process_count: this host and the number of hosts.
+      packing: plan padding-free packed rows (`dpok_jax.data.packing`): each batch then carries a
+        ``"_pack"`` entry (rows, row length, ...) that `packing.apply_packing` turns into the packed
+        layout once any cached reference values are attached. The row length is the batch's bucket;
+        the row count is the same on every host.
+      pack_row_multiple: the packed row count per host is a multiple of this (the host's batch
+        devices); `pack_accum`: gradient-accumulation micro-batches (rows are packed per micro-batch).
 
     >>> import datasets
     >>> from dpok_jax.data import ByteTokenizer, tokenize_pairs
@@ -56,7 +62,8 @@ class PreferenceBatcher:
 
     def __init__(self, pairs: TokenizedPairs, *, global_batch_size: int, seed: int,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, shuffle: bool = True, drop_last: bool = True,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, packing: bool = False,
+                 pack_row_multiple: int = 1, pack_accum: int = 1):
         if global_batch_size < 1 or global_batch_size % process_count:
             raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                              f"process_count={process_count}")
@@ -78,6 +85,10 @@ class PreferenceBatcher:
         self.local_batch_size = self.global_batch_size // process_count
         self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
         self.process_index, self.process_count = int(process_index), int(process_count)
+        self.packing, self.pack_row_multiple, self.pack_accum = bool(packing), int(pack_row_multiple), int(pack_accum)
+        if self.packing and self.local_batch_size % self.pack_accum:
+            raise ValueError(f"packing: {self.local_batch_size} pairs per host do not split into "
+                             f"{self.pack_accum} micro-batches")
         n = len(pairs)
         self.steps_per_epoch = n // self.global_batch_size if drop_last else -(-n // self.global_batch_size)
         self._epoch, self._position = 0, 0
@@ -170,4 +181,16 @@ class PreferenceBatcher:
         batch["valid"] = valid
         for k, v in p.embeddings.items():
             batch[k] = v[mine]
+        if self.packing:
+            from dpok_jax.data.packing import rows_needed
+
+            lb = self.local_batch_size
+            host_lengths = [np.stack([[len(p.prompt_ids[r]) + len(p.chosen_ids[r]),
+                                       len(p.prompt_ids[r]) + len(p.rejected_ids[r])]
+                                      for r in rows[h * lb:(h + 1) * lb]]) for h in range(self.process_count)]
+            batch["_pack"] = dict(
+                rows=rows_needed(host_lengths, length, accum=self.pack_accum,
+                                 row_multiple=self.pack_row_multiple),
+                capacity=length, pad_token_id=int(p.pad_token_id), accum=self.pack_accum,
+                pair_offset=lo, global_pairs=g)
         return batch

@@ -463,6 +463,7 @@ class Llama(nnx.Module):
         attention_mask: jax.Array,
         *,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         return_hidden: bool = False,
     ) -> jax.Array:
         """Run the decoder.
@@ -471,6 +472,8 @@ class Llama(nnx.Module):
           input_ids: ``[B, T]`` int token ids.
           attention_mask: ``[B, T]``, 1 for real tokens and 0 for padding (left or right).
           positions: ``[B, T]`` rotary positions; default `default_positions(attention_mask)`.
+          segment_ids: ``[B, T]`` int, for packed rows (`dpok_jax.data.packing`): tokens attend
+            causally within their own segment only; 0 marks padding. Pass per-segment `positions`.
           return_hidden: return the final-normed hidden states instead of logits.
 
         Returns:
@@ -482,7 +485,12 @@ class Llama(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         if positions is None:
             positions = default_positions(attention_mask)
-        mask = attention_mask  # [B, S] key padding; the layers add the causal mask
+        if segment_ids is None:
+            mask = attention_mask  # [B, S] key padding; the layers add the causal mask
+        else:  # [B, T, S]: causal, within a segment, never onto padding
+            t = segment_ids.shape[1]
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+            mask = same & jnp.tril(jnp.ones((t, t), bool))[None]
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
 
         # The lookup reads a copy of the table in the compute dtype laid out [V, H/tensor]: a gather

@@ -27,7 +27,8 @@ from dpok_jax import losses
 from dpok_jax.train.interrupts import Interrupted, StopRequest
 from dpok_jax.host_device import host_rows, to_global
 from dpok_jax.host_device import to_host as _fetch
-from dpok_jax.train.step import ModelFns, StepSpec, _pair_arrays, _sequence_reduce, pooled_embeddings
+from dpok_jax.data.packing import unpack_topk
+from dpok_jax.train.step import ModelFns, PairLayout, StepSpec
 
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_embedding_prompt",
              "ref_embedding_chosen", "ref_embedding_rejected")
@@ -38,21 +39,23 @@ def _reference_pass(fns: ModelFns, spec: StepSpec, top_k: int | None, params, ba
     explicit shardings (parameters where they are, every output over the batch axes)."""
 
     def fn(ref_params, batch):
-        ids, attn, resp = _pair_arrays(batch)
-        hidden, unembed = fns.hidden(ref_params, ids, attn)
-        tok = losses.chunked_token_logps(hidden[:, :-1], unembed, ids[:, 1:],
+        lay = PairLayout(batch)  # padded or packed rows (`dpok_jax.data.packing`)
+        hidden, unembed = lay.hidden(fns, ref_params)
+        tok = losses.chunked_token_logps(hidden[:, :-1], unembed, lay.labels,
                                          chunk_size=spec.chunk_size)
-        seq = _sequence_reduce(tok, resp[:, 1:], spec.logp_reduction)
-        b = ids.shape[0] // 2
-        e_x, e_pos, e_neg = pooled_embeddings(hidden, attn, resp)
+        seq = lay.sequence_logps(tok, spec.logp_reduction)
+        b = lay.pairs
+        e_x, e_pos, e_neg = lay.pooled_embeddings(hidden)
         out = dict(ref_chosen_logps=seq[:b], ref_rejected_logps=seq[b:], ref_embedding_prompt=e_x,
                    ref_embedding_chosen=e_pos, ref_embedding_rejected=e_neg)
         if top_k:
             idx, lp = losses.topk_reference(hidden[:, :-1], unembed, k=top_k,
                                             chunk_size=spec.chunk_size)
-            # [2b, L-1, k] -> [b, 2, L-1, k]: one row per pair, chosen then rejected.
-            out["ref_topk_indices"] = jnp.stack([idx[:b], idx[b:]], axis=1)
-            out["ref_topk_logps"] = jnp.stack([lp[:b], lp[b:]], axis=1)
+            if lay.packed:  # [R, P-1, k], unpacked to the per-pair layout on the host
+                out["packed_ref_topk_indices"], out["packed_ref_topk_logps"] = idx, lp
+            else:  # [2b, L-1, k] -> [b, 2, L-1, k]: one row per pair, chosen then rejected.
+                out["ref_topk_indices"] = jnp.stack([idx[:b], idx[b:]], axis=1)
+                out["ref_topk_logps"] = jnp.stack([lp[:b], lp[b:]], axis=1)
         return out
 
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -97,7 +100,8 @@ def _check_stop(stop: StopRequest | None, where: str) -> None:
 
 
 def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k.startswith(("chosen_", "rejected_"))}
+    return {k: v for k, v in batch.items()
+            if k.startswith(("chosen_", "rejected_", "packed_")) or k == "task_id"}
 
 
 def params_digest(params: Any) -> str:
@@ -221,8 +225,14 @@ def precomputed_reference(*, fns: ModelFns, spec: StepSpec, ref_params, pairs,
     for batch in tqdm(batches, desc=f"reference pass ({path.name.split('-')[0]})", disable=not show):
         _check_stop(stop, "the reference pass")
         out = jax.tree.map(_fetch, fn(ref_params, to_global(_model_inputs(batch), batch_sharding)))
-        rows = host_rows({k: batch[k] for k in ("valid", "example_index")}, batch_sharding)
+        rows = host_rows({k: batch[k] for k in batch if k in ("valid", "example_index") or
+                          k in ("packed_sequence", "packed_segment_ids", "packed_positions")},
+                         batch_sharding)
         valid = rows["valid"].astype(bool)
+        for key in ("indices", "logps"):
+            if f"packed_ref_topk_{key}" in out:
+                out[f"ref_topk_{key}"] = unpack_topk(rows, out.pop(f"packed_ref_topk_{key}"),
+                                                     pairs=len(valid), width=width)
         idx = rows["example_index"][valid]
         for k, v in out.items():
             v = v[valid]

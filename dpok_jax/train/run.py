@@ -23,6 +23,7 @@ from flax import nnx
 from dpok_jax import config as config_lib
 from dpok_jax import data as data_lib
 from dpok_jax import host_device, losses, selection, sharding
+from dpok_jax.data import packing as packing_lib
 from dpok_jax.models import Llama, ModelConfig, init_llama, load_llama, read_config
 from dpok_jax.train import reference as reference_lib
 from dpok_jax.train import run_folder
@@ -168,10 +169,15 @@ def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = 
     return prepared
 
 
-def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int):
+def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int, *, packing: bool = False,
+             accum: int = 1):
+    """The host's batcher; with `packing`, batches are planned for `data.packing`'s packed rows
+    (apply `packing.apply_packing` after attaching any cached reference values)."""
+    batch_ways = cfg.mesh.data * cfg.mesh.fsdp
     return data_lib.PreferenceBatcher(
         pairs, global_batch_size=batch_size, seed=seed, buckets=cfg.data.buckets,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        packing=packing, pack_row_multiple=max(1, batch_ways // jax.process_count()), pack_accum=accum)
 
 
 def fit_kernel(p: Prepared, spec: StepSpec, stop: StopRequest | None = None) -> dict | None:
@@ -186,8 +192,11 @@ def fit_kernel(p: Prepared, spec: StepSpec, stop: StopRequest | None = None) -> 
 
 
 def _one_pass(p: Prepared, pairs):
-    """Every pair once, in order, the last batch padded (evaluation, reference pass, fitting)."""
-    return _batcher(pairs, p.cfg, p.cfg.train.batch_size, p.cfg.train.seed).iterate_once()
+    """Every pair once, in order, the last batch padded (evaluation, reference pass, fitting);
+    packed when `data.packing` is on."""
+    batches = _batcher(pairs, p.cfg, p.cfg.train.batch_size, p.cfg.train.seed,
+                       packing=p.cfg.data.packing).iterate_once()
+    return map(packing_lib.apply_packing, batches)
 
 
 def _reference_cache(p: Prepared, spec: StepSpec, ref_params, run_dir: Path, split: str,
@@ -242,14 +251,19 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop
                         in_shardings=(jax.tree.map(lambda x: x.sharding, state.params),
                                       p.param_shardings, p.batch_sharding),
                         out_shardings=p.batch_sharding)
-    batcher = _batcher(p.train_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
-    eval_batcher = _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed)
+    packing = cfg.data.packing
+    batcher = _batcher(p.train_pairs, cfg, cfg.train.batch_size, cfg.train.seed, packing=packing,
+                       accum=cfg.optim.grad_accum)
+    eval_batcher = _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed, packing=packing)
     if cache is not None:
         batcher = cache.attach(batcher)
         eval_cache = _reference_cache(p, spec, ref_params, run_dir, "eval", stop)
-        eval_batches = lambda: eval_cache.attach_iter(eval_batcher.iterate_once())  # noqa: E731
+        eval_batches = lambda: map(packing_lib.apply_packing,  # noqa: E731
+                                   eval_cache.attach_iter(eval_batcher.iterate_once()))
     else:
-        eval_batches = eval_batcher.iterate_once
+        eval_batches = lambda: map(packing_lib.apply_packing, eval_batcher.iterate_once())  # noqa: E731
+    if packing:
+        batcher = packing_lib.PackedBatcher(batcher)
     result = run_loop(
         state=state, ref_params=ref_params, train_step=train_step, eval_step=eval_step,
         batcher=batcher, eval_batches=eval_batches, task_names=p.task_names,

@@ -80,6 +80,68 @@ def pooled_embeddings(hidden: jax.Array, attn: jax.Array, resp: jax.Array) -> tu
     return e_x, e_y[:b], e_y[b:]
 
 
+class PairLayout:
+    """The model's input rows for a batch of `b` pairs and how per-token values become per-sequence
+    ones, for both layouts: padded (chosen rows then rejected rows, [2b, L]) and packed
+    (`dpok_jax.data.packing`, [R, P], sequences found through ``packed_sequence``). Sequence results
+    always come out as [2b]: chosen sequences, then rejected ones."""
+
+    def __init__(self, batch: dict):
+        self.pairs = batch["task_id"].shape[0]
+        self.packed = "packed_input_ids" in batch
+        if self.packed:
+            self.ids = batch["packed_input_ids"]
+            self.segments = batch["packed_segment_ids"]
+            self.attn = (self.segments > 0).astype(jnp.int32)
+            self.resp = batch["packed_response_mask"]
+            self.positions = batch["packed_positions"]
+            self.sequence = batch["packed_sequence"]
+            # A prediction counts only inside its segment (never the next segment's first token).
+            same = (self.segments[:, 1:] == self.segments[:, :-1]) & (self.segments[:, 1:] > 0)
+            self.label_mask = self.resp[:, 1:] * same.astype(self.resp.dtype)
+        else:
+            self.ids, self.attn, self.resp = _pair_arrays(batch)
+            self.positions = self.segments = None
+            self.label_mask = self.resp[:, 1:]
+        self.labels = self.ids[:, 1:]
+
+    def hidden(self, fns: "ModelFns", params) -> tuple[jax.Array, jax.Array]:
+        return fns.hidden(params, self.ids, self.attn, positions=self.positions,
+                          segment_ids=self.segments)
+
+    def sequence_sum(self, values: jax.Array) -> jax.Array:
+        """Per-label-position values [rows, L-1] (already masked) -> per-sequence sums [2b]."""
+        if not self.packed:
+            return jnp.sum(values, axis=-1)
+        return jax.ops.segment_sum(values.reshape(-1), self.sequence[:, 1:].reshape(-1),
+                                   num_segments=2 * self.pairs)
+
+    def sequence_logps(self, token_logps: jax.Array, reduction: str) -> jax.Array:
+        m = self.label_mask.astype(jnp.float32)
+        total = self.sequence_sum(token_logps * m)
+        if reduction == "mean":
+            return total / jnp.maximum(self.sequence_sum(m), 1.0)
+        return total
+
+    def _pool(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+        """Masked mean of every sequence's hidden states [2b, H] (float32)."""
+        if not self.packed:
+            return mean_pool(hidden, mask)
+        m = mask.astype(jnp.float32)
+        seq = self.sequence.reshape(-1)
+        total = jax.ops.segment_sum((hidden.astype(jnp.float32) * m[..., None]).reshape(-1, hidden.shape[-1]),
+                                    seq, num_segments=2 * self.pairs)
+        count = jax.ops.segment_sum(m.reshape(-1), seq, num_segments=2 * self.pairs)
+        return total / jnp.maximum(count, 1.0)[:, None]
+
+    def pooled_embeddings(self, hidden: jax.Array) -> tuple:
+        """SPEC §3 `e_x, e_{y+}, e_{y-}`: the chosen sequences' prompt tokens, and each response."""
+        b = self.pairs
+        e_x = self._pool(hidden, self.attn * (1 - self.resp))[:b]
+        e_y = self._pool(hidden, self.resp)
+        return e_x, e_y[:b], e_y[b:]
+
+
 _DIVERGENCE_BLOCK = 128  # response positions per block of the masked Wasserstein computation
 
 
@@ -89,14 +151,6 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(m > 0, values.astype(jnp.float32), 0.0) * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def _sequence_reduce(token_logps: jax.Array, mask: jax.Array, reduction: str) -> jax.Array:
-    m = mask.astype(jnp.float32)
-    total = jnp.sum(token_logps * m, axis=-1)
-    if reduction == "mean":
-        return total / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
-    return total
-
-
 class ModelFns:
     """The model as pure functions of its parameters (graphdef and non-parameter state closed over)."""
 
@@ -104,10 +158,12 @@ class ModelFns:
         self.graphdef = graphdef
         self.rest = rest
 
-    def hidden(self, params: Any, ids: jax.Array, attn: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def hidden(self, params: Any, ids: jax.Array, attn: jax.Array, *, positions=None,
+               segment_ids=None) -> tuple[jax.Array, jax.Array]:
         """Final hidden states [N, L, H] and the unembedding [H, V]."""
         model = nnx.merge(self.graphdef, params, self.rest)
-        return model(ids, attn, return_hidden=True), model.unembedding()
+        return (model(ids, attn, positions=positions, segment_ids=segment_ids, return_hidden=True),
+                model.unembedding())
 
     def input_embeddings(self, params: Any) -> jax.Array:
         """Token embedding rows [V, H] (the Wasserstein ground cost's coordinates)."""
@@ -116,9 +172,9 @@ class ModelFns:
 
 def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     """Shared by train and eval: per-sequence log-probs, embeddings and divergences."""
-    ids, attn, resp = _pair_arrays(batch)
-    labels, mask = ids[:, 1:], resp[:, 1:]
-    hidden, unembed = fns.hidden(trainable["policy"], ids, attn)
+    lay = PairLayout(batch)
+    labels, mask = lay.labels, lay.label_mask
+    hidden, unembed = lay.hidden(fns, trainable["policy"])
     div_kwargs = dict(spec.divergence_params)
     divergence = spec.divergence if spec.uses_divergence else None
     if divergence == "wasserstein":
@@ -128,7 +184,7 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     ref_hidden = None
     extra_metrics = {}
     if spec.reference == "live":
-        ref_hidden, ref_unembed = jax.lax.stop_gradient(fns.hidden(ref_params, ids, attn))
+        ref_hidden, ref_unembed = jax.lax.stop_gradient(lay.hidden(fns, ref_params))
         # The Wasserstein penalty solves one OT problem per position: only the response positions
         # (where it is averaged) are solved, compacted into blocks. Cheap divergences stay fused
         # into the chunked head.
@@ -143,10 +199,12 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
                 block_size=_DIVERGENCE_BLOCK, return_converged=True, **div_kwargs)
             extra_metrics["divergence/sinkhorn_converged"] = _masked_mean(
                 converged.astype(jnp.float32), mask)
-        ref_seq = _sequence_reduce(ref_tok, mask, spec.logp_reduction)
+        ref_seq = lay.sequence_logps(ref_tok, spec.logp_reduction)
     else:
         ref_topk = None
-        if divergence is not None:
+        if divergence is not None and lay.packed:
+            ref_topk = (batch["packed_ref_topk_indices"], batch["packed_ref_topk_logps"])
+        elif divergence is not None:
             # [b, 2, L-1, k] per pair (so the rows of a batch stay together over hosts) ->
             # [2b, L-1, k], chosen rows then rejected rows, like the model's inputs.
             ref_topk = tuple(jnp.concatenate([a[:, 0], a[:, 1]], axis=0) for a in
@@ -156,28 +214,30 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
             chunk_size=spec.chunk_size, **div_kwargs,
         )
         ref_seq = jnp.concatenate([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-    pol_seq = _sequence_reduce(pol_tok, mask, spec.logp_reduction)
+    pol_seq = lay.sequence_logps(pol_tok, spec.logp_reduction)
     if divergence in ("squared_hellinger", "hellinger"):
         # SPEC §6: the distance H = sqrt(H²) is reported, never trained on (infinite gradient at
         # p = q): the masked mean of the per-position distances.
         extra_metrics["divergence/hellinger_distance"] = _masked_mean(
             jnp.sqrt(jnp.maximum(jax.lax.stop_gradient(div), 0.0)), mask)
-    b = ids.shape[0] // 2
+    b = lay.pairs
     embeddings = None
     if spec.uses_kernel:
         if spec.embeddings == "policy":
-            embeddings = pooled_embeddings(hidden, attn, resp)
+            embeddings = lay.pooled_embeddings(hidden)
         elif spec.embeddings == "reference" and ref_hidden is not None:
-            embeddings = pooled_embeddings(ref_hidden, attn, resp)
+            embeddings = lay.pooled_embeddings(ref_hidden)
         elif spec.embeddings == "reference":
             embeddings = tuple(batch[f"ref_embedding_{k}"] for k in ("prompt", "chosen", "rejected"))
         else:
             embeddings = tuple(batch[f"embedding_{k}"] for k in ("prompt", "chosen", "rejected"))
-    nll = -jnp.sum(pol_tok[:b] * mask[:b], -1) / jnp.maximum(jnp.sum(mask[:b], -1), 1)
+    # Token-mean NLL of each chosen response (the SFT term).
+    m = mask.astype(jnp.float32)
+    nll = (-lay.sequence_sum(pol_tok * m)[:b]) / jnp.maximum(lay.sequence_sum(m)[:b], 1.0)
     return dict(
         pol_chosen=pol_seq[:b], pol_rejected=pol_seq[b:], ref_chosen=ref_seq[:b],
         ref_rejected=ref_seq[b:], embeddings=embeddings, div=div, div_mask=mask, chosen_nll=nll,
-        tokens=jnp.sum(attn), extra_metrics=extra_metrics,
+        tokens=jnp.sum(lay.attn), extra_metrics=extra_metrics,
     )
 
 
