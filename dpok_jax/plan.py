@@ -265,6 +265,13 @@ def _per_device_bytes(tree, shardings) -> int:
 def lower_train_step(cfg, devices=None):
     """``(lowered, info)`` of a config's train step on abstract inputs; ``info`` holds the model
     name, mesh, held bytes and notes. Uses the first ``devices`` (default: all)."""
+    step, state, ref, batch, _, info = abstract_train_step(cfg, devices)
+    return step.lower(state, ref, batch), info
+
+
+def abstract_train_step(cfg, devices=None):
+    """``(jitted step, state, reference params, batch, mesh, info)``: the config's jitted train step
+    and abstract (``jax.ShapeDtypeStruct``) inputs with their shardings; nothing is materialized."""
     import jax
     from flax import nnx
 
@@ -302,7 +309,6 @@ def lower_train_step(cfg, devices=None):
     batch = abstract_batch(cfg, spec, mcfg.hidden_size, mesh)
     step = jit_train_step(make_train_step(fns, spec, _kernel_params(spec, mcfg.hidden_size), tx), mesh,
                           shardings, policy_shardings, sharding.batch_sharding(mesh))
-    lowered = step.lower(state, ref, batch)
     held = 0
     if spec.reference == "precomputed":
         # The loop keeps the frozen reference's parameters on the devices; the step never reads them.
@@ -313,7 +319,7 @@ def lower_train_step(cfg, devices=None):
                 mesh=dict(mesh.shape), devices=mesh.size, held=held, notes=notes, remat=mcfg.remat,
                 model_flops=model_flops(mcfg, _count(params), 2 * cfg.train.batch_size * seq_len(cfg),
                                         seq_len(cfg)))
-    return lowered, info
+    return step, state, ref, batch, mesh, info
 
 
 def model_flops(mcfg, n_params: int, tokens: int, seq: int) -> float:
@@ -364,6 +370,14 @@ def _plan(cfg, compiled, info, *, config_name, device_kind, hbm_bytes, headroom,
                 headroom=headroom, notes=info["notes"], model_flops=info.get("model_flops", float("nan")))
 
 
+def _bytes_limits(mesh) -> list[int]:
+    """``memory_stats()["bytes_limit"]`` of this process's devices in ``mesh`` (none on CPU)."""
+    import jax
+
+    stats = [d.memory_stats() or {} for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return [s["bytes_limit"] for s in stats if "bytes_limit" in s]
+
+
 def check_fits(cfg, spec, train_step, state, ref_params, mesh, *, headroom: float = 0.0) -> Plan:
     """Before training on an accelerator: compile ``train_step`` (the jitted step `dpok train` runs)
     for the real devices ahead of time and raise ValueError with the plan when its per-device bytes
@@ -377,8 +391,7 @@ def check_fits(cfg, spec, train_step, state, ref_params, mesh, *, headroom: floa
     hidden = int(jax.tree.leaves(state.params["policy"]["final_norm"])[0].shape[0])
     batch = abstract_batch(cfg, spec, hidden, mesh)
     compiled = train_step.lower(state, ref_params, batch).compile()
-    stats = [d.memory_stats() or {} for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    limits = [s["bytes_limit"] for s in stats if "bytes_limit" in s]
+    limits = _bytes_limits(mesh)
     held = _per_device_bytes(ref_params, jax.tree.map(lambda x: x.sharding, ref_params)) \
         if spec.reference == "precomputed" else 0
     info = dict(model=cfg.model.path or cfg.model.preset, mesh=dict(mesh.shape), devices=mesh.size,

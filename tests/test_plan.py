@@ -98,7 +98,7 @@ def test_abstract_batch_with_precomputed_divergence_matches_the_reference_pass()
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
     mesh = make_mesh(data=1, fsdp=8, tensor=1)
     planned = abstract_batch(cfg, spec, mcfg.hidden_size, mesh)
-    inputs = {k: v for k, v in planned.items() if k.startswith(("chosen_", "rejected_"))}
+    inputs = reference_lib._model_inputs(planned)  # what the reference pass is fed (task_id included)
     params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params,
                           param_shardings(mesh, params))
     ref_pass = reference_lib._reference_pass(ModelFns(graphdef, rest), spec, 4, params, batch_sharding(mesh))
@@ -140,3 +140,23 @@ def test_more_devices_than_this_process_plans_in_a_subprocess(capsys):
 def test_shipped_configs_fit_their_hardware(name, devices, kind):
     plan = run_plan(str(REPO / "configs" / name), [], devices=devices, device_kind=kind)
     assert plan.fits, plan.table()
+
+
+def test_check_fits_stops_dpok_train_when_the_devices_memory_is_too_small(monkeypatch):
+    """`dpok train` on an accelerator compiles its real step and compares it with the devices'
+    `bytes_limit` before the first step; CPU devices report none, so the limit is patched here."""
+    from dpok_jax import plan as plan_lib
+    from dpok_jax.train.run import step_spec
+
+    cfg = load_config(None, SMALL + ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"])
+    step, state, ref, _, mesh, _ = plan_lib.abstract_train_step(cfg, jax.devices())
+    assert plan_lib._bytes_limits(mesh) == []  # CPU: nothing to compare with, the check passes
+    assert plan_lib.check_fits(cfg, step_spec(cfg), step, state, ref, mesh).fits is None
+    monkeypatch.setattr(plan_lib, "_bytes_limits", lambda mesh: [16 * GIB, 16 * GIB])
+    ok = plan_lib.check_fits(cfg, step_spec(cfg), step, state, ref, mesh)
+    assert ok.fits and ok.hbm_bytes == 16 * GIB and ok.held_bytes > 0  # precomputed: reference held
+    small = ok.total_bytes // 2
+    monkeypatch.setattr(plan_lib, "_bytes_limits", lambda mesh: [16 * GIB, small])  # the smallest counts
+    with pytest.raises(ValueError, match="does not fit the devices' memory; nothing was run") as err:
+        plan_lib.check_fits(cfg, step_spec(cfg), step, state, ref, mesh)
+    assert "verdict: DOES NOT FIT" in str(err.value)
