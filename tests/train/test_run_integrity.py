@@ -237,6 +237,28 @@ def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
         MetricsLog(tmp_path, tensorboard=False).truncate_after(2)
 
 
+# --- the first logged window after a resume ----------------------------------------------------
+
+def test_first_log_after_a_resume_averages_the_whole_window(tmp_path):
+    """Item 10: with log_every > 1 the first window logged after a resume averaged only the steps run
+    since the resume; the partly filled window is saved with the checkpoint and restored."""
+    common = ["train.steps=6", "train.log_every=4", "train.checkpoint_every=100", "sft.steps=0",
+              "optim.warmup_steps=0"]
+    full = _cfg(tmp_path / "full", *common)
+    run_lib.run(full, devices=jax.devices()[:1])
+    cut = _cfg(tmp_path / "cut", *common)
+    first = run_lib.run(cut, devices=jax.devices()[:1], should_stop=lambda step: step == 3)
+    assert first["interrupted"] and first["steps"] == 3
+    logged = Path(cut.run_dir) / "metrics.jsonl"
+    assert not logged.exists() or read_metrics(cut.run_dir, "train") == []  # no full window yet
+    run_lib.run(cut, devices=jax.devices()[:1])
+    a, b = read_metrics(full.run_dir, "train"), read_metrics(cut.run_dir, "train")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [4, 6]
+    for key in ("loss", "rewards/accuracies", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-6, atol=1e-7,
+                                   err_msg=key)
+
+
 # --- the precomputed reference cache follows the data -------------------------------------------
 
 def _write_pairs(path: Path, responses: str):
