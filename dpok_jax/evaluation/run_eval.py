@@ -24,7 +24,7 @@ def restore_params(run_dir: Path, step: int | None = None) -> tuple[int, dict, d
     """`(step, policy pure dict, kernel params)` of a run's checkpoint (latest when `step` is None)."""
     import orbax.checkpoint as ocp
 
-    from dpok_jax.train.export import _unwrap_values
+    from dpok_jax.train.checkpoint import _unwrap_values
 
     ckpt_dir = (Path(run_dir) / "checkpoints").absolute()
     if not ckpt_dir.is_dir():

@@ -19,6 +19,29 @@ def run_dir(tmp_path_factory):
     return path
 
 
+def test_restore_params_reads_a_run_checkpoint(tmp_path):
+    """Fast (not `slow`): `dpok eval`'s checkpoint read. It imported a helper from a module that no
+    longer had it (ImportError on every `dpok eval`), and only the slow end-to-end test reached it."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dpok_jax.evaluation.run_eval import restore_params
+    from dpok_jax.train.checkpoint import RunCheckpoints
+
+    w = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    state = {"params": {"policy": {"layer": {"kernel": {"value": jnp.asarray(w)}}},
+                        "kernel": {"lambda_rbf": jnp.asarray(0.25)}}, "step": jnp.asarray(3)}
+    ckpts = RunCheckpoints(tmp_path / "checkpoints", keep=2, async_save=False)
+    ckpts.save(3, state, {"epoch": 0})
+    ckpts.close()
+    step, policy, kernel = restore_params(tmp_path)
+    assert step == 3
+    np.testing.assert_array_equal(np.asarray(policy["layer"]["kernel"]), w)  # {"value": x} unwrapped
+    assert float(kernel["lambda_rbf"]) == 0.25
+    with pytest.raises(ValueError, match="--step 5"):
+        restore_params(tmp_path, step=5)
+
+
 @pytest.mark.slow
 def test_eval_reproduces_the_run_and_adds_analysis(run_dir, tmp_path):
     assert main(["eval", str(run_dir), "train.progress=false"]) == 0
