@@ -68,6 +68,9 @@ class DataSection:
     # Padding-free packed pairs (dpok_jax.data.packing) in the DPO-Kernels step, the reference pass
     # and evaluation: the same results without computing on padding. The SFT warm-up stays padded.
     packing: bool = False
+    # Packed row length: the smallest bucket >= max(the batch's longest sequence, pack_length); 0 uses
+    # the batch's bucket. Longer rows hold more sequences (less padding) at a longer attention span.
+    pack_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,9 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config data.eval_fraction={cfg.data.eval_fraction}: must be in (0, 1)")
     if cfg.data.max_eval_examples is not None and cfg.data.max_eval_examples < 1:
         raise ValueError(f"config data.max_eval_examples={cfg.data.max_eval_examples}: must be >= 1 (or null)")
+    if cfg.data.pack_length < 0 or cfg.data.pack_length > max(cfg.data.buckets):
+        raise ValueError(f"config data.pack_length={cfg.data.pack_length}: must be in [0, the largest "
+                         f"bucket {max(cfg.data.buckets)}] (0 packs into the batch's bucket length)")
     if max(cfg.data.buckets) < cfg.data.max_length:
         raise ValueError(
             f"config data.buckets={cfg.data.buckets}: the largest bucket must be >= "

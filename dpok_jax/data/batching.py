@@ -46,7 +46,8 @@ class PreferenceBatcher:
       packing: plan padding-free packed rows (`dpok_jax.data.packing`): each batch then carries a
         ``"_pack"`` entry (rows, row length, ...) that `packing.apply_packing` turns into the packed
         layout once any cached reference values are attached. The row length is the batch's bucket;
-        the row count is the same on every host.
+        the row count is the same on every host. `pack_length`: rows are at least this long (the
+        smallest bucket holding it), so that short sequences share rows.
       pack_row_multiple: the packed row count per host is a multiple of this (the host's batch
         devices); `pack_accum`: gradient-accumulation micro-batches (rows are packed per micro-batch).
 
@@ -63,7 +64,7 @@ class PreferenceBatcher:
     def __init__(self, pairs: TokenizedPairs, *, global_batch_size: int, seed: int,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, shuffle: bool = True, drop_last: bool = True,
                  process_index: int = 0, process_count: int = 1, packing: bool = False,
-                 pack_row_multiple: int = 1, pack_accum: int = 1):
+                 pack_row_multiple: int = 1, pack_accum: int = 1, pack_length: int = 0):
         if global_batch_size < 1 or global_batch_size % process_count:
             raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                              f"process_count={process_count}")
@@ -86,6 +87,7 @@ class PreferenceBatcher:
         self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.packing, self.pack_row_multiple, self.pack_accum = bool(packing), int(pack_row_multiple), int(pack_accum)
+        self.pack_length = int(pack_length)
         if self.packing and self.local_batch_size % self.pack_accum:
             raise ValueError(f"packing: {self.local_batch_size} pairs per host do not split into "
                              f"{self.pack_accum} micro-batches")
@@ -188,9 +190,10 @@ class PreferenceBatcher:
             host_lengths = [np.stack([[len(p.prompt_ids[r]) + len(p.chosen_ids[r]),
                                        len(p.prompt_ids[r]) + len(p.rejected_ids[r])]
                                       for r in rows[h * lb:(h + 1) * lb]]) for h in range(self.process_count)]
+            capacity = next(b for b in self.buckets if b >= max(length, self.pack_length))
             batch["_pack"] = dict(
-                rows=rows_needed(host_lengths, length, accum=self.pack_accum,
+                rows=rows_needed(host_lengths, capacity, accum=self.pack_accum,
                                  row_multiple=self.pack_row_multiple),
-                capacity=length, pad_token_id=int(p.pad_token_id), accum=self.pack_accum,
+                capacity=capacity, pad_token_id=int(p.pad_token_id), accum=self.pack_accum,
                 pair_offset=lo, global_pairs=g)
         return batch

@@ -66,7 +66,8 @@ def rows_needed(host_lengths: list[np.ndarray], capacity: int, *, accum: int = 1
                 row_multiple: int = 1) -> int:
     """Rows per process for a global batch: the most any process's micro-batch needs, times
     `accum`, rounded up to a multiple of `row_multiple` (its batch devices times `accum`) and then to
-    one of a few sizes (about 1.25x apart), so a run compiles the step for only a handful of shapes.
+    one of a few sizes (every count up to 8 units, then about 1.125x apart), so a run compiles the
+    step for a handful of shapes only.
 
     Args:
       host_lengths: per process, its pairs' (chosen, rejected) sequence lengths, int [b, 2].
@@ -78,7 +79,7 @@ def rows_needed(host_lengths: list[np.ndarray], capacity: int, *, accum: int = 1
     units = -(-per_micro * accum // unit)
     size = 1
     while size < units:
-        size = max(size + 1, int(np.ceil(size * 1.25)))
+        size = max(size + 1, int(np.ceil(size * 1.125)))
     return size * unit
 
 

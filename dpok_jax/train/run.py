@@ -177,7 +177,8 @@ def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int, *, packi
     return data_lib.PreferenceBatcher(
         pairs, global_batch_size=batch_size, seed=seed, buckets=cfg.data.buckets,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        packing=packing, pack_row_multiple=max(1, batch_ways // jax.process_count()), pack_accum=accum)
+        packing=packing, pack_row_multiple=max(1, batch_ways // jax.process_count()), pack_accum=accum,
+        pack_length=cfg.data.pack_length)
 
 
 def fit_kernel(p: Prepared, spec: StepSpec, stop: StopRequest | None = None) -> dict | None:
