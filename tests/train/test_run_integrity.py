@@ -49,6 +49,8 @@ def _cfg(run_dir, *extra):
     ("optim.warmup_steps=-1", "optim.warmup_steps"),
     ("optim.clip_norm=-1.0", "optim.clip_norm"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("data.pack_length=-1", "data.pack_length"),
+    ("data.pack_length=100000", "data.pack_length"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(override, key, capsys):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
