@@ -374,7 +374,7 @@ def divergence(name: str, policy_logits: jax.Array, ref_logits: jax.Array, **par
       `squared_hellinger` (½(√u − 1)²), each evaluated in log space. A callable is evaluated on
       `u = p/q` directly; where `p > 0 = q` it counts `p f'(∞)` as `+inf`.
     - `"wasserstein"` (`cost_embeddings` [V, e], `epsilon` = 0.1, `top_k` = 16, `debiased` = True,
-      `threshold` = 1e-5, `max_iterations` = max(2000, 20/ε), `lse_mode` = None,
+      `threshold` = 1e-5, `max_iterations` = max(2000, 100/ε), `lse_mode` = None,
       `return_converged` = False):
       entropic OT (ott-jax Sinkhorn) between `p` and `q` restricted to the union of their top-k
       tokens and renormalized, ground cost `1 − cos` between those tokens' embedding rows (gradient

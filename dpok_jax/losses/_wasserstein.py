@@ -55,14 +55,15 @@ def _geometry(cost: jax.Array, epsilon: float, lse_mode: bool) -> geometry.Geome
 
 
 def default_max_iterations(epsilon: float) -> int:
-    """Sinkhorn's iteration cap when none is given: `max(2000, 20/ε)`.
+    """Sinkhorn's iteration cap when none is given: `max(2000, 100/ε)`.
 
     Small ε converges slowly (the Gibbs kernel's off-diagonal weights are ~e^(−C/ε)): at ε = 1e-3 on
-    6-token problems half of the solves were unconverged after 2000 iterations, and their costs lay
-    below the exact optimal transport cost (an infeasible plan); 20000 iterations converge 97% of
-    them. Unconverged solves are reported (`converged`), never silent.
+    40 random 6-token problems in float64 at the default threshold 1e-5, 20000 iterations (20/ε)
+    left 3 unconverged; 100/ε converges all 40 (the slowest took 33990). A solve stops when it
+    converges, so the cap costs only where it is needed. Unconverged solves are reported
+    (`converged`), never silent.
     """
-    return max(2000, int(math.ceil(20.0 / epsilon)))
+    return max(2000, int(math.ceil(100.0 / epsilon)))
 
 
 def _cosine_cost(emb: jax.Array) -> jax.Array:
@@ -160,7 +161,7 @@ def topk_sinkhorn(
       top_k: tokens taken from each distribution, 1 <= top_k <= V.
       debiased: return the debiased Sinkhorn divergence (three solves) instead of `W_ε` (one).
       threshold: Sinkhorn's tolerance on the L1 marginal error.
-      max_iterations: its iteration cap; None is :func:`default_max_iterations` (`max(2000, 20/ε)`).
+      max_iterations: its iteration cap; None is :func:`default_max_iterations` (`max(2000, 100/ε)`).
       lse_mode: Sinkhorn in the log domain (True) or on scalings (False, about 1.7x faster on CPU).
         None picks scalings when they cannot underflow: the cosine cost is at most 2, so the Gibbs
         kernel `exp(−C/ε)` stays above `exp(−2/ε) >= exp(−50)` for `ε >= 0.04`; log domain below.
