@@ -142,7 +142,7 @@ def test_resume_config_rule(tmp_path):
 
 def test_cli_refuses_changed_settings_and_keeps_config_yaml(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = [f"run_dir={run_dir}", *SMALL, "train.steps=2"]
+    args = [f"run_dir={run_dir}", *SMALL, "sft.steps=2", "train.compare_with_dpo=false", "train.steps=2"]
     assert main(["train", *args]) == 0
     saved = (run_dir / "config.yaml").read_text()
     summary = (run_dir / "summary.json").read_text()
