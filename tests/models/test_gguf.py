@@ -273,3 +273,42 @@ def test_smollm2_tokenizer_round_trips_through_save_pretrained(smollm2_path, tmp
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert again.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == prompt
     assert (again.eos_token_id, again.pad_token_id) == (tok.eos_token_id, tok.pad_token_id) == (2, 2)
+
+
+@pytest.mark.slow  # a training step and an export of a 135M model on CPU (~1-2 min)
+def test_run_trained_from_a_gguf_exports_a_folder_transformers_loads(smollm2_path, tmp_path):
+    """`dpok train` with `model.path=*.gguf` (one step), then `dpok export`: transformers loads the
+    folder (weights and the GGUF's tokenizer with its chat template) and its logits equal ours."""
+    import transformers
+
+    from dpok_jax.cli import main
+    from dpok_jax.config import load_config
+    from dpok_jax.data import load_tokenizer
+    from dpok_jax.train import run as run_lib
+
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", f"model.path={smollm2_path}", "train.steps=1", "train.batch_size=8",
+            "sft.steps=0", "train.progress=false", "train.compare_with_dpo=false", "train.eval_every=0",
+            "data.synthetic_train_per_task=2", "data.synthetic_eval_per_task=1",
+            "data.max_length=48", "data.max_prompt_length=32", "data.buckets=[48]", "loss.chunk_size=16"]
+    # One device: on 8 fake CPU devices the default fsdp=8 mesh with this model can deadlock in
+    # XLA:CPU's collectives (all-to-all against all-gather), a fake-device artefact.
+    summary = run_lib.run(load_config(None, args), devices=jax.devices()[:1])
+    assert summary["steps"] == 1
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out)]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    gguf_tok = load_tokenizer(str(smollm2_path))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert (tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            == gguf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    ids = np.asarray([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]], np.int32)
+    assert ids.tolist() == [gguf_tok("The quick brown fox jumps over the lazy dog.")["input_ids"]]
+    ours = _ours(load_llama(out), ids, np.ones_like(ids))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    assert np.abs(ours - ref).max() <= 3e-4
+    # The export holds the trained weights, not the GGUF's: one step at the default lr moved them.
+    before = _ours(load_gguf_llama(smollm2_path), ids, np.ones_like(ids))
+    assert np.abs(ours - before).max() > 1e-4
