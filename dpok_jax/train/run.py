@@ -24,6 +24,7 @@ from dpok_jax import config as config_lib
 from dpok_jax import data as data_lib
 from dpok_jax import host_device, losses, selection, sharding
 from dpok_jax.data import packing as packing_lib
+from dpok_jax.losses import registry
 from dpok_jax.models import Llama, ModelConfig, init_llama, load_llama, read_config
 from dpok_jax.train import reference as reference_lib
 from dpok_jax.train import run_folder
@@ -52,14 +53,10 @@ class Prepared:
 
 def step_spec(cfg: config_lib.Config) -> StepSpec:
     loss = cfg.loss
-    reward_params = (("alpha", loss.reward_alpha),) if loss.reward == "alpha" else ()
-    div_params: tuple = ()
-    if loss.divergence == "renyi":
-        div_params = (("order", loss.renyi_order),)
-    elif loss.divergence == "f":
-        div_params = (("f", loss.f_name),)
-    elif loss.divergence == "wasserstein":
-        div_params = (("epsilon", loss.wasserstein_epsilon), ("top_k", loss.wasserstein_top_k))
+    # Each variant's hyperparameters as the losses registry names them (one table per family).
+    reward_params = registry.keyword_params("reward", loss.reward, loss)
+    div_params = (registry.keyword_params("divergence", loss.divergence, loss)
+                  if loss.divergence in registry.DIVERGENCES else ())
     return StepSpec(
         beta=loss.beta, link=loss.link, label_smoothing=loss.label_smoothing, reward=loss.reward,
         reward_params=reward_params, logp_reduction=loss.logp_reduction, gamma=loss.gamma,
