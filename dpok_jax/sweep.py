@@ -192,15 +192,17 @@ def sweep_table(rows: list[dict], metric: str) -> str:
     agg = aggregate(rows, metric)
     kernels = [k for k in KERNEL_ROWS if any(c["kernel"] == k for c in agg.values())]
     divs = [d for d in DIVERGENCE_COLUMNS if any(c["divergence"] == d for c in agg.values())]
-    lines = [f"| {metric} | " + " | ".join(divs) + " |", "|---" * (len(divs) + 1) + "|"]
-    for k in kernels:
-        lines.append(f"| {k} | " + " | ".join(_cell_text(agg.get(f"{k}__{d}")) for d in divs) + " |")
+    lines = []
+    if kernels and divs:  # a grid without kernel or divergence cells has no such table
+        lines = [f"| {metric} | " + " | ".join(divs) + " |", "|---" * (len(divs) + 1) + "|"]
+        for k in kernels:
+            lines.append(f"| {k} | " + " | ".join(_cell_text(agg.get(f"{k}__{d}")) for d in divs) + " |")
     rewards = [r for r in IMPLICIT_REWARDS if f"implicit__{r}" in agg]
     if rewards:
         lines += ["", "| implicit f-DPO reward | " + " | ".join(rewards) + " |", "|---" * (len(rewards) + 1) + "|",
                   "| (no kernel, no penalty) | " + " | ".join(_cell_text(agg[f"implicit__{r}"]) for r in rewards)
                   + " |"]
-    return "\n".join(lines)
+    return "\n".join(lines).strip("\n")
 
 
 def plot_heatmap(rows: list[dict], metric: str, path: Path) -> None:

@@ -204,3 +204,12 @@ def test_registry_functions_and_keyword_params():
     assert registry.keyword_params("divergence", "renyi", cfg) == (("order", cfg.renyi_order),)
     with pytest.raises(ValueError, match="unknown divergence 'tv'"):
         registry.keyword_params("divergence", "tv", cfg)
+
+
+def test_table_of_an_implicit_rewards_only_sweep_has_no_empty_grid():
+    rows = [dict(seed=str(s), cell="implicit__forward_kl", kernel="none", divergence="none",
+                 reward="forward_kl", status="done", step="9", **{"eval/accuracy": str(0.7 + 0.01 * s)})
+            for s in (0, 1)]
+    text = sweep.sweep_table(rows, "eval/accuracy")
+    assert text.splitlines()[0] == "| implicit f-DPO reward | forward_kl |"
+    assert "| (no kernel, no penalty) | 0.705 ± 0.005 |" in text
