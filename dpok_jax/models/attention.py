@@ -5,9 +5,15 @@
 
 Implementations (`implementation_for`):
 
-- ``"xla"`` (CPU, TPU, and GPU in float32): JAX's reference lowering. It materializes the
-  ``[B, N, T, S]`` scores of one layer (float32); with per-layer rematerialization only one layer's
-  are alive at a time. This is the path the tests check against a float64 NumPy reference.
+- ``"xla"`` (CPU, TPU, and GPU in float32): plain XLA. Causal self-attention longer than one block
+  (``CAUSAL_BLOCK`` = 128 query positions) runs **blocked**: query block ``i`` is scored against keys
+  ``0 .. end of block i`` only (the later keys are masked anyway), with the heads laid out
+  ``[B, K, G, T, D]`` so each block is one batched matmul. Exact (the same softmax over the same
+  visible keys) at about half the score FLOPs; at 512 positions on the 2-core CPU it measured 2.4x
+  faster forward and 2.2x forward+backward than `jax.nn.dot_product_attention`'s XLA lowering
+  (16 rows, 8/4 heads of 32). Shorter or non-causal attention goes through
+  `jax.nn.dot_product_attention` (implementation ``"xla"``), which materializes the ``[B, N, T, S]``
+  scores of one layer. Both are checked against a float64 NumPy reference.
 - ``"cudnn"`` (GPU, bfloat16/float16 compute): cuDNN's fused flash attention, which never holds the
   scores. The padding mask enters as cuDNN's additive bias. Only tried on a GPU backend; a
   configuration cuDNN rejects while tracing (head size, dtype, cuDNN version) falls back to XLA
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CAUSAL_BLOCK = 128  # query positions per block of the blocked causal XLA path
 
 
 def implementation_for(platform: str, dtype) -> str:
@@ -41,7 +48,8 @@ def implementation_for(platform: str, dtype) -> str:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = None, causal: bool = False,
+                          block_size: int | None = None) -> jax.Array:
     """GQA attention, causal with a key padding mask (2-D ``mask``) or under an explicit mask (3-D).
 
     Args:
@@ -51,6 +59,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         implied (``T == S``); or ``[B, T, S]`` bool, True where query ``t`` may attend key ``s``
         (nothing implied: a KV cache, say).
       implementation: ``"xla"`` or ``"cudnn"``; default `implementation_for` the default backend.
+      causal: with a 3-D mask, promise that it never lets a query see a later key (packed rows'
+        block-diagonal causal mask), so the XLA path may run blocked. Implied by a 2-D mask.
+      block_size: query positions per block of the blocked XLA path (default ``CAUSAL_BLOCK``).
 
     Returns:
       ``[B, T, N, D]`` in ``q``'s dtype. A query row with no visible key (a left-padding position)
@@ -76,4 +87,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                           stacklevel=2)
     elif implementation != "xla":
         raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
+    block = CAUSAL_BLOCK if block_size is None else int(block_size)
+    if (is_causal or causal) and q.shape[1] == k.shape[1] and q.shape[1] > block:
+        allowed = mask[:, 0] if mask.shape[2] > 1 else mask[:, 0] & jnp.tril(
+            jnp.ones((q.shape[1], k.shape[1]), bool))[None]  # [B, T, S]
+        return _blocked_causal(q, k, v, allowed, block)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
+
+
+def _blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, block: int) -> jax.Array:
+    """Exact causal attention by query blocks: block ``[i0, i1)`` against keys ``[0, i1)``.
+    q [B,T,N,D], k/v [B,T,K,D], allowed [B,T,T] bool (already causal). A query row with no
+    visible key gets a finite, meaningless output (as every padded position)."""
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    qt = jnp.transpose(q.reshape(b, t, kv, n // kv, d), (0, 2, 3, 1, 4))  # [B, K, G, T, D]
+    kt, vt = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))  # [B, K, T, D]
+    scale = d ** -0.5
+    outs = []
+    for i0 in range(0, t, block):
+        i1 = min(i0 + block, t)
+        s = jnp.einsum("bkgtd,bksd->bkgts", qt[:, :, :, i0:i1], kt[:, :, :i1],
+                       preferred_element_type=jnp.float32) * scale
+        s = jnp.where(allowed[:, None, None, i0:i1, :i1], s, -1e30)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", p, vt[:, :, :i1]))
+    out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, D]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, d)

@@ -342,13 +342,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         """x ``[B, T, H]``, cos/sin ``[B, T, D]``; mask ``[B, T]`` bool key padding (causal implied)
-        or ``[B, T, S]`` bool (True = may attend); see `dot_product_attention`."""
+        or ``[B, T, T]`` bool (True = may attend; packed rows' causal within-segment mask); see
+        `dot_product_attention`."""
         dt = self.dtype
         q = constrain(jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt)), _BTND)
         k = constrain(jnp.einsum("bth,hkd->btkd", x, self.k[...].astype(dt)), _BTKD)
         v = constrain(jnp.einsum("bth,hkd->btkd", x, self.v[...].astype(dt)), _BTKD)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = constrain(dot_product_attention(q, k, v, mask), _BTND)
+        out = constrain(dot_product_attention(q, k, v, mask, causal=True), _BTND)
         return constrain(jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt)), _BTH)
 
 

@@ -36,15 +36,17 @@ def _inputs(b=3, t=7, n=4, kv=2, d=8, seed=0):
     return q, k, v
 
 
+@pytest.mark.parametrize("block", [None, 3], ids=["one_block", "blocked"])
 @pytest.mark.parametrize("left", [True, False], ids=["left_padded", "right_padded"])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
-def test_causal_padded_attention_equals_float64_reference(left, heads):
+def test_causal_padded_attention_equals_float64_reference(left, heads, block):
+    """Also through the blocked causal path (query blocks of 3 over 7 positions: 3, 3, 1)."""
     n, kv = heads
     q, k, v = _inputs(n=n, kv=kv)
     lengths = np.array([7, 4, 1])
     pos = np.arange(7)
     key_mask = (pos[None] >= 7 - lengths[:, None]) if left else (pos[None] < lengths[:, None])
-    got = np.asarray(jax.jit(dot_product_attention)(q, k, v, key_mask))
+    got = np.asarray(jax.jit(lambda *a: dot_product_attention(*a, block_size=block))(q, k, v, key_mask))
     allowed = np.tril(np.ones((7, 7), bool))[None] & key_mask[:, None, :]
     ref = _reference(q, k, v, allowed)
     rows = ~np.isnan(ref[..., 0, 0])  # queries with at least one visible key
@@ -60,6 +62,24 @@ def test_explicit_3d_mask_is_used_as_given():
     allowed[:, :, 0] = True  # every query sees something
     got = np.asarray(dot_product_attention(q, k, v, allowed))
     np.testing.assert_allclose(got, _reference(q, k, v, allowed), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_segments_blocked_equal_float64_reference():
+    """A packed row's mask (causal within segments, padding after) with `causal=True` runs blocked
+    (blocks of 2 over 7 positions) and equals the reference, gradients too."""
+    q, k, v = _inputs(t=7)
+    seg = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 2, 2, 3, 3, 3, 0]])
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0) & np.tril(np.ones((7, 7), bool))
+    got = np.asarray(dot_product_attention(q, k, v, allowed, causal=True, block_size=2))
+    ref = _reference(q, k, v, allowed)
+    rows = ~np.isnan(ref[..., 0, 0])
+    np.testing.assert_allclose(got[rows], ref[rows], rtol=1e-5, atol=1e-5)
+    w = np.where(rows[:, :, None, None], np.random.default_rng(2).standard_normal(q.shape), 0).astype(np.float32)
+    grads = [jax.grad(lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, allowed, causal=True,
+                                                                     block_size=b) * w), argnums=(0, 1, 2))(q, k, v)
+             for b in (2, None)]  # blocked vs one block (jax.nn.dot_product_attention)
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_equal_the_reference_attention():
@@ -80,10 +100,12 @@ def test_gradients_equal_the_reference_attention():
     def loss(f):
         return lambda q, k, v: jnp.sum(jnp.where(valid, f(q, k, v) * w, 0.0))
 
-    got = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, key_mask)), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(got, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for block in (None, 2):  # one block, and the blocked causal path
+        got = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, key_mask, block_size=block)),
+                       argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_masks_and_implementations_are_errors():
