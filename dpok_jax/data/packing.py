@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import numpy as np
 
-PACKED_KEYS = ("packed_input_ids", "packed_segment_ids", "packed_positions", "packed_response_mask",
-               "packed_sequence")
 _UNPACKED = tuple(f"{side}_{k}" for side in ("chosen", "rejected")
                   for k in ("input_ids", "attention_mask", "response_mask"))
 
