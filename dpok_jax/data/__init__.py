@@ -2,11 +2,12 @@
 
 `load_preference_dataset` (rows of prompt / chosen / rejected, each with its file and line) ->
 `tokenize_pairs` (token ids and a `BadRowReport`) -> `PreferenceBatcher` (padded numpy batches for
-this host). `load_pairs` does the first two for a config's ``data`` section, with the held-out split.
+this host; `make_batcher` builds a run's). `load_pairs` does the first two for a config's ``data``
+section, with the held-out split.
 See docs/data.md.
 """
 
-from dpok_jax.data.batching import DEFAULT_BUCKETS, PreferenceBatcher
+from dpok_jax.data.batching import DEFAULT_BUCKETS, PreferenceBatcher, make_batcher
 from dpok_jax.data.formats import FORMATS, detect_format, render_conversation, split_implicit
 from dpok_jax.data.loading import ORIGIN_COLUMN, load_preference_dataset
 from dpok_jax.data.pipeline import held_out_count, load_pairs
@@ -32,6 +33,7 @@ __all__ = [
     "load_pairs",
     "load_preference_dataset",
     "load_tokenizer",
+    "make_batcher",
     "read_file",
     "render_conversation",
     "split_implicit",

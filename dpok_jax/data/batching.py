@@ -197,3 +197,33 @@ class PreferenceBatcher:
                 capacity=capacity, pad_token_id=int(p.pad_token_id), accum=self.pack_accum,
                 pair_offset=lo, global_pairs=g)
         return batch
+
+
+def make_batcher(pairs: TokenizedPairs, *, batch_size: int, seed: int,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, batch_ways: int = 1, packing: bool = False,
+                 accum: int = 1, pack_length: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> PreferenceBatcher:
+    """This host's `PreferenceBatcher` for a run: `batch_size` rows per global batch, this process's
+    slice of it (JAX's process index and count unless given).
+
+    With `packing`, batches are planned for packed rows (apply `packing.apply_packing` after attaching
+    any cached reference values): each host's row count is a multiple of its batch devices
+    (`batch_ways`, the mesh's data x fsdp, over the processes) and rows are packed per
+    gradient-accumulation micro-batch (`accum`).
+
+    >>> import datasets
+    >>> from dpok_jax.data import ByteTokenizer, tokenize_pairs
+    >>> ds = datasets.Dataset.from_dict({"prompt": ["a", "b"], "chosen": [" x"] * 2, "rejected": [" y"] * 2})
+    >>> pairs, _ = tokenize_pairs(ds, ByteTokenizer(), max_prompt_length=4, max_length=8)
+    >>> next(make_batcher(pairs, batch_size=2, seed=0, buckets=(8,), process_index=0, process_count=1))["valid"].tolist()
+    [True, True]
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    return PreferenceBatcher(
+        pairs, global_batch_size=batch_size, seed=seed, buckets=buckets,
+        process_index=process_index, process_count=process_count, packing=packing,
+        pack_row_multiple=max(1, batch_ways // process_count), pack_accum=accum,
+        pack_length=pack_length)

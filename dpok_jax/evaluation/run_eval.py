@@ -49,11 +49,13 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, step: int | No
     import jax.numpy as jnp
     from flax import nnx
 
+    from dpok_jax import data as data_lib
     from dpok_jax import selection
     from dpok_jax.config import load_config
-    from dpok_jax.train.loop import _fetch, to_global
-    from dpok_jax.train.run import _batcher, fit_kernel, host_blas_single_threaded, prepare, step_spec
-    from dpok_jax.train.step import _pair_arrays, make_eval_step, pooled_embeddings
+    from dpok_jax.host_device import to_global
+    from dpok_jax.host_device import to_host as _fetch
+    from dpok_jax.train.run import fit_kernel, host_blas_single_threaded, prepare, step_spec
+    from dpok_jax.train.step import make_eval_step, response_embeddings
 
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
@@ -75,15 +77,15 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, step: int | No
         kernel_params = fit_kernel(p, spec)
         eval_step = jax.jit(make_eval_step(p.fns, spec, kernel_params))
 
-        @jax.jit
-        def embed(params, batch):
-            ids, attn, resp = _pair_arrays(batch)
-            hidden, _ = p.fns.hidden(params, ids, attn)
-            return pooled_embeddings(hidden, attn, resp)[1:]
+        embed = jax.jit(lambda params, batch: response_embeddings(p.fns, params, batch))
 
         trainable = {"policy": policy, "kernel": {k: jnp.asarray(v) for k, v in kernel.items()}}
         cols: dict[str, list] = {}
-        for batch in _batcher(eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed).iterate_once():
+        batcher = data_lib.make_batcher(eval_pairs, batch_size=cfg.train.batch_size,
+                                        seed=cfg.train.seed, buckets=cfg.data.buckets,
+                                        batch_ways=cfg.mesh.data * cfg.mesh.fsdp,
+                                        pack_length=cfg.data.pack_length)
+        for batch in batcher.iterate_once():
             g = to_global(batch, p.batch_sharding)
             out = jax.tree.map(_fetch, eval_step(trainable, p.init_params, g))
             valid = out["valid"].astype(bool)

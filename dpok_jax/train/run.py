@@ -168,14 +168,10 @@ def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = 
 
 def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int, *, packing: bool = False,
              accum: int = 1):
-    """The host's batcher; with `packing`, batches are planned for `data.packing`'s packed rows
-    (apply `packing.apply_packing` after attaching any cached reference values)."""
-    batch_ways = cfg.mesh.data * cfg.mesh.fsdp
-    return data_lib.PreferenceBatcher(
-        pairs, global_batch_size=batch_size, seed=seed, buckets=cfg.data.buckets,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        packing=packing, pack_row_multiple=max(1, batch_ways // jax.process_count()), pack_accum=accum,
-        pack_length=cfg.data.pack_length)
+    """`data.make_batcher` with the config's buckets, batch devices and packing length."""
+    return data_lib.make_batcher(pairs, batch_size=batch_size, seed=seed, buckets=cfg.data.buckets,
+                                 batch_ways=cfg.mesh.data * cfg.mesh.fsdp, packing=packing,
+                                 accum=accum, pack_length=cfg.data.pack_length)
 
 
 def fit_kernel(p: Prepared, spec: StepSpec, stop: StopRequest | None = None) -> dict | None:

@@ -80,6 +80,13 @@ def pooled_embeddings(hidden: jax.Array, attn: jax.Array, resp: jax.Array) -> tu
     return e_x, e_y[:b], e_y[b:]
 
 
+def response_embeddings(fns: "ModelFns", params, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Pooled hidden states of the chosen and rejected responses, [b, H] each (padded pair batch)."""
+    ids, attn, resp = _pair_arrays(batch)
+    hidden, _ = fns.hidden(params, ids, attn)
+    return pooled_embeddings(hidden, attn, resp)[1:]
+
+
 class PairLayout:
     """The model's input rows for a batch of `b` pairs and how per-token values become per-sequence
     ones, for both layouts: padded (chosen rows then rejected rows, [2b, L]) and packed
