@@ -16,6 +16,7 @@ paper's Fig. 8-10 analogues).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -34,11 +35,14 @@ DIVERGENCE_COLUMNS = tuple(registry.DIVERGENCES)
 IMPLICIT_REWARDS = tuple(registry.REWARDS)
 
 # The default sweep on top of the embedded default: the harder synthetic tasks, a tiny model and a
-# short budget so the whole grid x 2 seeds fits about 30 minutes on 2 CPU cores; live reference (the
-# divergence penalties are exact, and Wasserstein needs it).
+# short budget so the whole grid x 2 seeds fits 30 minutes on 2 CPU cores; live reference (the
+# divergence penalties are exact, and Wasserstein needs it). A cell's cost is mostly XLA compiling
+# its train and eval steps (about 10 s of a 15 s cell, measured), not its 50 steps; `run_sweep`
+# keeps a persistent compilation cache so what repeats (the plain-DPO and implicit-reward cells of
+# the second seed, every cell's shared pieces, a resumed sweep) is compiled once.
 SWEEP_DEFAULTS = (
-    "model.num_layers=1", "sft.steps=150", "train.steps=60", "train.batch_size=16", "train.log_every=10",
-    "train.eval_every=60", "train.checkpoint_every=30", "train.progress=false",
+    "model.num_layers=1", "sft.steps=150", "train.steps=50", "train.batch_size=16", "train.log_every=10",
+    "train.eval_every=50", "train.checkpoint_every=25", "train.progress=false",
     "train.compare_with_dpo=false", "reference.mode=live", "loss.gamma=0.1", "loss.eta=0.01",
     "loss.alpha=0.05", "loss.divergence=kl",
 )
@@ -123,9 +127,36 @@ def _train_cell(p, cfg: config_lib.Config, cell_dir: Path) -> dict:
     return {"status": "done", "step": result.final_step, **metrics}
 
 
+@contextlib.contextmanager
+def compilation_cache(folder: Path | None):
+    """JAX's persistent compilation cache in `folder` for the duration (None: leave JAX's settings
+    alone). Cells rebuild their jitted steps, so without it identical computations (the same cell on
+    another seed, the eval step of every non-kernel cell, a resumed sweep) compile again; a cache
+    the user configured (`JAX_COMPILATION_CACHE_DIR`) is kept. Restored afterwards, so a caller's
+    later compilations do not write into `folder`."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    if folder is None or jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    cc.reset_cache()  # the cache is set up at the first compilation: make it read the new folder
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
+
+
 def run_sweep(base: config_lib.Config, out: str | Path, *, seeds=(0, 1), cells: list[Cell] | None = None,
-              progress=print) -> Path:
-    """Train every (seed, cell) not yet in `OUT/results.csv`; then draw the heatmaps and tables."""
+              progress=print, compile_cache: bool = True) -> Path:
+    """Train every (seed, cell) not yet in `OUT/results.csv`; then draw the heatmaps and tables.
+    `compile_cache`: keep compiled steps in `OUT/.jax_cache` (see `compilation_cache`)."""
     from dpok_jax.train.run import host_blas_single_threaded, prepare
 
     out = Path(out)
@@ -133,7 +164,7 @@ def run_sweep(base: config_lib.Config, out: str | Path, *, seeds=(0, 1), cells: 
     cells = grid() if cells is None else cells
     results = out / "results.csv"
     done = {(r["seed"], r["cell"]) for r in _read_rows(results)}
-    with host_blas_single_threaded():
+    with host_blas_single_threaded(), compilation_cache(out / ".jax_cache" if compile_cache else None):
         for seed in seeds:
             todo = [c for c in cells if (str(seed), c.name) not in done]
             if not todo:

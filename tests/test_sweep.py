@@ -213,3 +213,17 @@ def test_table_of_an_implicit_rewards_only_sweep_has_no_empty_grid():
     text = sweep.sweep_table(rows, "eval/accuracy")
     assert text.splitlines()[0] == "| implicit f-DPO reward | forward_kl |"
     assert "| (no kernel, no penalty) | 0.705 ± 0.005 |" in text
+
+
+def test_compilation_cache_is_used_then_restored(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    before = jax.config.jax_compilation_cache_dir
+    with sweep.compilation_cache(tmp_path / "cache"):
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        # Compiling inside works (entries are written only for compilations of 0.2 s or more).
+        jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, y: jnp.sin(y) @ y.T, x))(jnp.ones((64, 64)))
+    assert jax.config.jax_compilation_cache_dir == before
+    with sweep.compilation_cache(None):
+        assert jax.config.jax_compilation_cache_dir == before
