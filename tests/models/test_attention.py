@@ -114,13 +114,13 @@ def test_bad_masks_and_implementations_are_errors():
         dot_product_attention(q, k, v, np.ones((3,), bool))
     with pytest.raises(ValueError, match="implies causal self-attention"):
         dot_product_attention(q[:, :3], k, v, np.ones((3, 7), bool))
-    with pytest.raises(ValueError, match="'xla' or 'cudnn'"):
+    with pytest.raises(ValueError, match=r"one of \('xla', 'cudnn', 'splash'\)"):
         dot_product_attention(q, k, v, np.ones((3, 7), bool), implementation="flash")
 
 
 def test_platform_choice():
     assert implementation_for("cpu", jnp.float32) == "xla"
-    assert implementation_for("tpu", jnp.bfloat16) == "xla"  # no tested Pallas kernel yet
+    assert implementation_for("tpu", jnp.bfloat16) == "xla"  # no segment-id mask: XLA (splash: test_splash_attention.py)
     assert implementation_for("gpu", jnp.bfloat16) == "cudnn"
     assert implementation_for("gpu", jnp.float32) == "xla"  # cuDNN flash attention is fp16/bf16 only
 
