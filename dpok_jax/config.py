@@ -74,14 +74,46 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class RenyiParams:
+    """`loss.divergence=renyi`: D_a = 1/(a-1) log sum p^a q^(1-a)."""
+
+    order: float = 0.5
+
+
+@dataclass(frozen=True)
+class FParams:
+    """`loss.divergence=f`: sum q f(p/q) with f named from the losses' F_REGISTRY."""
+
+    name: str = "chi2"
+
+
+@dataclass(frozen=True)
+class WassersteinParams:
+    """`loss.divergence=wasserstein`: entropic OT (Sinkhorn) on top-k supports."""
+
+    epsilon: float = 0.1
+    # Top-k truncation error against exact OT (bench/wasserstein_topk_error.py, docs/math.md): top-8
+    # lost 5-9% of the transport cost at V=40-50 (entropy ~2.3 nats), top-16 2-3%.
+    top_k: int = 16
+
+
+@dataclass(frozen=True)
+class AlphaRewardParams:
+    """`loss.reward=alpha`: the alpha-divergence implicit reward beta (1 - u^(-a)) / a."""
+
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
 class LossSection:
-    """SPEC §1–8 hyperparameters."""
+    """SPEC §1–8 hyperparameters. Each variant's own hyperparameters sit in one nested section named
+    after it (`loss.renyi.order`, `loss.f.name`, `loss.wasserstein.epsilon`, `loss.wasserstein.top_k`,
+    `loss.alpha_reward.alpha`), which the losses registry reads (`registry.keyword_params`)."""
 
     beta: float = 0.1
     link: str = "sigmoid"
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # the sigmoid link's (cDPO / TRL's label_smoothing)
     reward: str = "reverse_kl"  # implicit reward (SPEC §7); reverse_kl is DPO
-    reward_alpha: float = 0.5  # for reward="alpha"
     logp_reduction: str = "sum"
     gamma: float = 0.0  # embedding-score weight
     kernel: str = "none"
@@ -92,14 +124,23 @@ class LossSection:
     eta: float = 0.0  # HMK / mixture entropy weight
     alpha: float = 0.0  # divergence weight
     divergence: str = "none"
-    renyi_order: float = 0.5
-    f_name: str = "chi2"
-    wasserstein_epsilon: float = 0.1
-    # Top-k truncation error against exact OT (bench/wasserstein_topk_error.py, docs/math.md): top-8
-    # lost 5-9% of the transport cost at V=40-50 (entropy ~2.3 nats), top-16 2-3%.
-    wasserstein_top_k: int = 16
     sft_weight: float = 0.0
     chunk_size: int = 64
+    # Per-variant hyperparameters (read only when that divergence / reward is selected).
+    renyi: RenyiParams = field(default_factory=RenyiParams)
+    f: FParams = field(default_factory=FParams)
+    wasserstein: WassersteinParams = field(default_factory=WassersteinParams)
+    alpha_reward: AlphaRewardParams = field(default_factory=AlphaRewardParams)
+
+
+# Flat keys of earlier versions -> their nested place; loading one is an error that names the new key.
+RENAMED_KEYS = {
+    "loss.renyi_order": "loss.renyi.order",
+    "loss.f_name": "loss.f.name",
+    "loss.wasserstein_epsilon": "loss.wasserstein.epsilon",
+    "loss.wasserstein_top_k": "loss.wasserstein.top_k",
+    "loss.reward_alpha": "loss.alpha_reward.alpha",
+}
 
 
 @dataclass(frozen=True)
@@ -326,6 +367,24 @@ def _check_run_settings(cfg: Config) -> None:
             raise ValueError(f"config {key}={value!r}: must be in [0, 1)")
 
 
+def _dotted_keys(tree, prefix: str = "") -> list[str]:
+    """Every key of a nested mapping as a dotted path (`loss.renyi.order`), sections included."""
+    if not isinstance(tree, dict):
+        return []
+    keys = []
+    for k, v in tree.items():
+        keys.append(f"{prefix}{k}")
+        keys += _dotted_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def _check_renamed(keys, where: str) -> None:
+    for key in keys:
+        if key in RENAMED_KEYS:
+            raise ValueError(f"config key {key}{where} has moved: use {RENAMED_KEYS[key]} (each variant's "
+                             "hyperparameters now live in one nested section)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file (differences only), then `key=value` overrides.
 
@@ -340,9 +399,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not path.is_file():
                 raise FileNotFoundError(f"config file not found: {path}")
             layers.append(OmegaConf.load(path))
+            _check_renamed(_dotted_keys(OmegaConf.to_container(layers[-1])), f" in {path}")
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not of the form key=value")
+        _check_renamed([item.split("=", 1)[0].lstrip("+~") for item in overrides], " (command-line override)")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as err:

@@ -201,7 +201,16 @@ def test_registry_functions_and_keyword_params():
     for name, v in registry.LINKS.items():
         kw = dict(registry.keyword_params("link", name, cfg))
         np.testing.assert_allclose(v.fn(pc, **kw), losses.preference_loss(name, pc, **kw))
-    assert registry.keyword_params("divergence", "renyi", cfg) == (("order", cfg.renyi_order),)
+    assert registry.keyword_params("divergence", "renyi", cfg) == (("order", cfg.renyi.order),)
+    # Dotted overrides of the nested per-variant sections reach the functions' keywords.
+    from dpok_jax.config import load_config
+
+    loss = load_config(None, ["loss.wasserstein.epsilon=0.05", "loss.wasserstein.top_k=4", "loss.f.name=tv",
+                              "loss.renyi.order=2", "loss.alpha_reward.alpha=0.3"]).loss
+    assert registry.keyword_params("divergence", "wasserstein", loss) == (("epsilon", 0.05), ("top_k", 4))
+    assert registry.keyword_params("divergence", "f", loss) == (("f", "tv"),)
+    assert registry.keyword_params("divergence", "renyi", loss) == (("order", 2.0),)
+    assert registry.keyword_params("reward", "alpha", loss) == (("alpha", 0.3),)
     with pytest.raises(ValueError, match="unknown divergence 'tv'"):
         registry.keyword_params("divergence", "tv", cfg)
 

@@ -8,7 +8,9 @@ imports JAX; a test asserts they equal these keys, in this order).
 Each entry is a `Variant`: the function with its name bound (``fn(*arrays, **hyperparameters)``),
 and `params`, the one place that says which `loss.*` config field feeds which keyword, so a trainer
 builds the keyword arguments with `keyword_params(family, name, loss_section)` instead of its own
-chain of `if name == ...` (Levanter-style registered variants).
+chain of `if name == ...` (Levanter-style registered variants). A variant's own hyperparameters sit
+in the config's nested section named after it (`loss.wasserstein.epsilon`, `loss.renyi.order`);
+shared ones (`beta`, `label_smoothing`) are plain `loss.*` fields.
 
     >>> import jax.numpy as jnp
     >>> float(DIVERGENCES["kl"].fn(jnp.zeros(3), jnp.zeros(3)))
@@ -31,7 +33,8 @@ from dpok_jax.losses._preference import implicit_reward, preference_loss
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A named variant: its function, its hyperparameters (keyword → `loss.*` field) and a line of doc."""
+    """A named variant: its function, its hyperparameters (keyword → dotted path under `loss`, e.g.
+    ``"wasserstein.epsilon"``) and a line of doc."""
 
     name: str
     fn: Callable[..., Any]
@@ -58,13 +61,13 @@ DIVERGENCES = _table(
     Variant("kl", functools.partial(divergence, "kl"), {}, "Σ p (log p − log q)"),
     Variant("js", functools.partial(divergence, "js"), {}, "½ KL(p‖m) + ½ KL(q‖m)"),
     Variant("squared_hellinger", functools.partial(divergence, "squared_hellinger"), {}, "1 − Σ √(pq)"),
-    Variant("renyi", functools.partial(divergence, "renyi"), {"order": "renyi_order"},
+    Variant("renyi", functools.partial(divergence, "renyi"), {"order": "renyi.order"},
             "1/(a−1) log Σ p^a q^(1−a)"),
     Variant("bhattacharyya", functools.partial(divergence, "bhattacharyya"), {}, "−log Σ √(pq)"),
     Variant("wasserstein", functools.partial(divergence, "wasserstein"),
-            {"epsilon": "wasserstein_epsilon", "top_k": "wasserstein_top_k"},
+            {"epsilon": "wasserstein.epsilon", "top_k": "wasserstein.top_k"},
             "entropic OT on top-k supports (ott-jax Sinkhorn)"),
-    Variant("f", functools.partial(divergence, "f"), {"f": "f_name"},
+    Variant("f", functools.partial(divergence, "f"), {"f": "f.name"},
             f"Σ q f(p/q), f from {{{', '.join(F_REGISTRY)}}}"),
 )
 
@@ -79,7 +82,7 @@ REWARDS = _table(
     Variant("reverse_kl", functools.partial(implicit_reward, "reverse_kl"), {}, "β log u (DPO)"),
     Variant("forward_kl", functools.partial(implicit_reward, "forward_kl"), {}, "β (1 − 1/u)"),
     Variant("js", functools.partial(implicit_reward, "js"), {}, "β log(2u / (1 + u))"),
-    Variant("alpha", functools.partial(implicit_reward, "alpha"), {"alpha": "reward_alpha"},
+    Variant("alpha", functools.partial(implicit_reward, "alpha"), {"alpha": "alpha_reward.alpha"},
             "β (1 − u^(−a)) / a"),
 )
 
@@ -89,8 +92,8 @@ FAMILIES = MappingProxyType({"kernel": KERNELS, "divergence": DIVERGENCES, "link
 def keyword_params(family: str, name: str, loss_section: Any) -> tuple[tuple[str, Any], ...]:
     """`((keyword, value), ...)` of one variant's hyperparameters, read from a `loss` config section.
 
-    >>> from dpok_jax.config import LossSection
-    >>> keyword_params("divergence", "wasserstein", LossSection(wasserstein_epsilon=0.2, wasserstein_top_k=4))
+    >>> from dpok_jax.config import LossSection, WassersteinParams
+    >>> keyword_params("divergence", "wasserstein", LossSection(wasserstein=WassersteinParams(0.2, 4)))
     (('epsilon', 0.2), ('top_k', 4))
     """
     if family not in FAMILIES:
@@ -98,7 +101,8 @@ def keyword_params(family: str, name: str, loss_section: Any) -> tuple[tuple[str
     table = FAMILIES[family]
     if name not in table:
         raise ValueError(f"unknown {family} {name!r}; expected one of {list(table)}")
-    return tuple((kw, getattr(loss_section, field)) for kw, field in table[name].params.items())
+    return tuple((kw, functools.reduce(getattr, path.split("."), loss_section))
+                 for kw, path in table[name].params.items())
 
 
 def markdown_tables() -> str:

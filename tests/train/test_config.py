@@ -55,3 +55,23 @@ def test_ipo_link_with_summed_logps_warns():
         warnings.simplefilter("error")
         assert load_config(None, ["loss.link=ipo", "loss.logp_reduction=mean"]).loss.link == "ipo"
         load_config(None, ["loss.link=sigmoid"])
+
+
+def test_per_variant_hyperparameters_are_nested_and_old_flat_keys_are_errors(tmp_path):
+    cfg = load_config(None, ["loss.wasserstein.epsilon=0.05", "loss.wasserstein.top_k=8", "loss.renyi.order=2",
+                             "loss.f.name=tv", "loss.alpha_reward.alpha=0.3"])
+    assert (cfg.loss.wasserstein.epsilon, cfg.loss.wasserstein.top_k) == (0.05, 8)
+    assert (cfg.loss.renyi.order, cfg.loss.f.name, cfg.loss.alpha_reward.alpha) == (2.0, "tv", 0.3)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("loss:\n  divergence: renyi\n  alpha: 0.1\n  renyi: {order: 0.7}\n")
+    assert load_config(nested).loss.renyi.order == 0.7
+    for old, new in [("loss.renyi_order=2", "loss.renyi.order"), ("loss.f_name=tv", "loss.f.name"),
+                     ("loss.wasserstein_epsilon=0.05", "loss.wasserstein.epsilon"),
+                     ("loss.wasserstein_top_k=4", "loss.wasserstein.top_k"),
+                     ("loss.reward_alpha=0.3", "loss.alpha_reward.alpha")]:
+        with pytest.raises(ValueError, match=rf"{old.split('=')[0]} .*use {new}"):
+            load_config(None, [old])
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("loss:\n  divergence: wasserstein\n  wasserstein_top_k: 4\n")
+    with pytest.raises(ValueError, match=r"loss.wasserstein_top_k in .*flat.yaml has moved: use loss.wasserstein.top_k"):
+        load_config(flat)

@@ -26,7 +26,7 @@ def _train_rows(tmp_path, *extra):
 
 def test_wasserstein_penalty_is_debiased_and_logs_sinkhorn_convergence(tmp_path):
     rows = _train_rows(tmp_path / "w", "train.steps=2", "loss.alpha=0.1", "loss.divergence=wasserstein",
-                       "loss.wasserstein_top_k=4")
+                       "loss.wasserstein.top_k=4")
     first = rows[0]
     # Step 1: policy = reference. The biased entropic cost was ~0.2 here (and pulled the policy away);
     # the Sinkhorn divergence is 0 to the solver's tolerance.

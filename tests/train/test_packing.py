@@ -113,7 +113,7 @@ def _loss_and_grads(p, cfg, batch_np, perturb=0.02):
     ("loss.gamma=0.1", "loss.kernel=hmk", "loss.eta=0.01", "loss.alpha=0.1", "loss.divergence=kl",
      "loss.sft_weight=0.5"),
     ("loss.gamma=0.1", "loss.kernel=rbf", "loss.embeddings=reference", "loss.logp_reduction=mean",
-     "loss.alpha=0.1", "loss.divergence=wasserstein", "loss.wasserstein_top_k=4"),
+     "loss.alpha=0.1", "loss.divergence=wasserstein", "loss.wasserstein.top_k=4"),
 ], ids=["hmk-kl-sft", "rbf-wasserstein-mean"])
 def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra):
     cfg = _cfg(tmp_path, *extra, "data.packing=true")

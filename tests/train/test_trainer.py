@@ -157,7 +157,7 @@ def test_precomputed_reference_matches_live(tmp_path, extra):
 
 def test_wasserstein_penalty_trains_with_live_reference(tmp_path):
     cfg = _cfg(tmp_path / "w", "train.steps=2", "train.eval_every=0", "loss.alpha=0.1",
-               "loss.divergence=wasserstein", "loss.wasserstein_top_k=4")
+               "loss.divergence=wasserstein", "loss.wasserstein.top_k=4")
     run_lib.run(cfg, devices=jax.devices()[:1])
     rows = read_metrics(cfg.run_dir, "train")
     assert len(rows) == 2 and all(np.isfinite(r["divergence/wasserstein"]) for r in rows)
