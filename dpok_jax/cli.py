@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dpok_jax.train.export import export_run
 
-    path = export_run(Path(args.run_dir), Path(args.out))
+    path = export_run(args.run_dir, Path(args.out))
     print(f"Exported the policy to {path}")
     return 0
 
@@ -77,7 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_run(args.run_dir, data=args.data, step=args.step, overrides=args.overrides)
     print(format_eval(result))
-    out = save_eval(result, args.out or Path(args.run_dir) / "eval.json")
+    out = save_eval(result, args.out or f"{str(args.run_dir).rstrip('/')}/eval.json")
     print(f"Evaluation written to {out}")
     return 0
 
@@ -86,7 +86,7 @@ def _report(args: argparse.Namespace) -> int:
     """`dpok report`: PNG plots of a run and a Markdown summary linking them."""
     from dpok_jax.report import write_report
 
-    path = write_report(Path(args.run_dir), args.out)
+    path = write_report(args.run_dir, args.out)
     print(f"Report written to {path}")
     return 0
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-
 import numpy as np
+from etils import epath
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def read_metrics(run_dir: epath.PathLike) -> list[dict]:
     """Rows of `RUN_DIR/metrics.jsonl`; non-finite values (logged as strings) become NaN."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    path = epath.Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a dpok run folder?")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -60,7 +59,7 @@ def _figure(ncols: int = 1, width: float = 6.0):
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
-def plot_kernel_weights(rows: list[dict], path: Path) -> str | None:
+def plot_kernel_weights(rows: list[dict], path: epath.PathLike) -> str | None:
     """λ (and τ) of HMK or the flat mixture over steps; None (with the reason) when absent."""
     lam = _keys(rows, "hmk/lambda_") or _keys(rows, "mixture/lambda_")
     if not lam:
@@ -76,11 +75,11 @@ def plot_kernel_weights(rows: list[dict], path: Path) -> str | None:
         axes[1].set(title="HMK level weights τ", xlabel="step", ylabel="weight")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     return None
 
 
-def plot_divergences(rows: list[dict], path: Path) -> str | None:
+def plot_divergences(rows: list[dict], path: epath.PathLike) -> str | None:
     keys = _keys(rows, "divergence/")
     if not keys:
         return "no divergence/* values in metrics.jsonl (the run has no divergence penalty)"
@@ -89,11 +88,11 @@ def plot_divergences(rows: list[dict], path: Path) -> str | None:
         ax.plot(*series(rows, key, "train"), label=key)
     ax.set(title="divergence from the reference", xlabel="step", ylabel="value")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     return None
 
 
-def plot_margins_accuracy(rows: list[dict], path: Path, baseline: list[dict] | None = None
+def plot_margins_accuracy(rows: list[dict], path: epath.PathLike, baseline: list[dict] | None = None
                           ) -> str | None:
     if not _keys(rows, "rewards/margins") and not _keys(rows, "eval/accuracy", "eval"):
         return "no rewards/margins or eval/accuracy in metrics.jsonl"
@@ -110,11 +109,11 @@ def plot_margins_accuracy(rows: list[dict], path: Path, baseline: list[dict] | N
     ax_a.set(title="preference accuracy", xlabel="step", ylim=(-0.02, 1.02))
     for ax in (ax_m, ax_a):
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     return None
 
 
-def plot_paper_forms(path: Path, z_max: float = 4.0) -> None:
+def plot_paper_forms(path: epath.PathLike, z_max: float = 4.0) -> None:
     """Table 1's scalar forms `K(z)` and `dK/dz` (gradient-ascent direction) over z (Fig. 1)."""
     import jax.numpy as jnp
 
@@ -131,11 +130,17 @@ def plot_paper_forms(path: Path, z_max: float = 4.0) -> None:
     ax_g.axhline(0.0, color="k", lw=0.5)
     for ax in (ax_v, ax_g):
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _save(fig, path: epath.PathLike) -> None:
+    """A PNG through `epath` (a local path or a run folder's gs://... URL)."""
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+
+
+def _read_json(path: epath.Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _scalar_table(d: dict, keys: list[str]) -> list[str]:
@@ -146,15 +151,15 @@ def _scalar_table(d: dict, keys: list[str]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def write_report(run_dir: epath.PathLike, out_dir: epath.PathLike | None = None) -> epath.Path:
     """Draw every plot the run has data for into `out_dir` (default RUN_DIR/report) and write
     `report.md` linking them; returns the Markdown file's path."""
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    run_dir = epath.Path(run_dir)
+    out = epath.Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = read_metrics(run_dir)
     base_dir = run_dir / "dpo_baseline"
-    baseline = read_metrics(base_dir) if (base_dir / "metrics.jsonl").is_file() else None
+    baseline = read_metrics(base_dir) if (base_dir / "metrics.jsonl").exists() else None
     plots = {
         "kernel_weights.png": ("HMK / mixture weights over steps (Fig. 5/7)",
                                lambda p: plot_kernel_weights(rows, p)),

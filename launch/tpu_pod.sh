@@ -7,8 +7,9 @@
 #
 # Environment: PYTHON (the interpreter on the workers, default python3.11, else python3 if it is
 # 3.11-3.13), CONFIG (default configs/llama3_1_8b_tpu_pod.yaml), REMOTE_DIR (default ~/dpok_jax).
-# run_dir must be on a filesystem every worker mounts (NFS/Filestore or gcsfuse): orbax writes each
-# host's shards into the same checkpoint. A gs:// URL as run_dir is not supported yet.
+# run_dir must be a place every worker reaches: a gs://bucket/path URL (then install gcsfs and
+# google-cloud-storage into ~/dpok_venv as well; see docs/training.md), NFS/Filestore or gcsfuse:
+# orbax writes each host's shards into the same checkpoint.
 # Preemption (spot/preemptible TPU VMs): the VM gets SIGTERM; dpok saves a checkpoint after the step
 # in flight and exits with status 143. Run the same command again when the slice is back: it resumes
 # exactly from the saved step.

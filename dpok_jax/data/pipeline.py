@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from dpok_jax.data.loading import load_preference_dataset
 from dpok_jax.data.readers import folder_files
@@ -74,7 +75,7 @@ def _no_pairs(name: str, source: Any, report: BadRowReport) -> ValueError:
     return ValueError(f"no usable {name} pairs left in {str(source)!r}: {report.summary()}")
 
 
-def load_pairs(data_cfg: Any, tokenizer: Any, run_dir: str | Path | None = None, is_main_process: bool = True,
+def load_pairs(data_cfg: Any, tokenizer: Any, run_dir: epath.PathLike | None = None, is_main_process: bool = True,
                min_train_pairs: int = 1) -> tuple[TokenizedPairs, TokenizedPairs]:
     """Load, hold out, tokenize and report the pairs of a `config.DataSection`.
 
@@ -147,7 +148,7 @@ def load_pairs(data_cfg: Any, tokenizer: Any, run_dir: str | Path | None = None,
             raise _no_pairs("eval", d.eval_source or d.source, reports["eval"])
     for name, report in reports.items():
         if run_dir is not None and is_main_process:
-            report.save(Path(run_dir) / f"bad_rows_{name}.json")
+            report.save(epath.Path(run_dir) / f"bad_rows_{name}.json")
         if report.total_skipped:
             say(f"[{name} data] {report.summary()}")
     return train_pairs, eval_pairs

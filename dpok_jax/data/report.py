@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+from etils import epath
 
 # Reason code -> what it means; docs/data.md repeats this table for users.
 REASONS: dict[str, str] = {
@@ -105,9 +105,10 @@ class BadRowReport:
             "reasons": {k: REASONS[k] for k in self.counts},
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write `to_dict()` as JSON to `path` (parent folders created); returns the path."""
-        path = Path(path)
+    def save(self, path: epath.PathLike) -> epath.Path:
+        """Write `to_dict()` as JSON to `path` (parent folders created; local or `gs://...`); returns
+        the path."""
+        path = epath.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path

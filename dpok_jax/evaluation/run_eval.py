@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from dpok_jax.evaluation.alpha import named_matrices, weighted_alpha
 from dpok_jax.evaluation.clusters import davies_bouldin
 from dpok_jax.evaluation.preference import margin_stats, scores_by_task
 
 
-def restore_params(run_dir: Path, step: int | None = None) -> tuple[int, dict, dict]:
+def restore_params(run_dir: epath.PathLike, step: int | None = None) -> tuple[int, dict, dict]:
     """`(step, policy pure dict, kernel params)` of a run's checkpoint (latest when `step` is None)."""
     import orbax.checkpoint as ocp
 
+    from dpok_jax import storage
     from dpok_jax.train.checkpoint import _unwrap_values
 
-    ckpt_dir = (Path(run_dir) / "checkpoints").absolute()
+    ckpt_dir = storage.run_path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoints folder in {run_dir}: is it a dpok run folder?")
     manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
@@ -42,7 +43,7 @@ def restore_params(run_dir: Path, step: int | None = None) -> tuple[int, dict, d
     return step, _unwrap_values(params["policy"]), dict(params.get("kernel") or {})
 
 
-def evaluate_run(run_dir: str | Path, *, data: str | None = None, step: int | None = None,
+def evaluate_run(run_dir: epath.PathLike, *, data: str | None = None, step: int | None = None,
                  overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """All SPEC §10 metrics of one run folder (see the module docstring); returns a flat dict."""
     import jax
@@ -50,18 +51,19 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, step: int | No
     from flax import nnx
 
     from dpok_jax import data as data_lib
-    from dpok_jax import selection
+    from dpok_jax import selection, storage
     from dpok_jax.config import load_config
     from dpok_jax.host_device import to_global
     from dpok_jax.host_device import to_host as _fetch
     from dpok_jax.train.run import fit_kernel, host_blas_single_threaded, prepare, step_spec
     from dpok_jax.train.step import make_eval_step, response_embeddings
 
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)
     config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: is {run_dir} a dpok run folder?")
-    cfg = load_config(config_file, [f"run_dir={run_dir}", *overrides])
+    with storage.local_copy(config_file) as local:
+        cfg = load_config(local, [f"run_dir={run_dir}", *overrides])
     with host_blas_single_threaded():
         p = prepare(cfg)
         cfg = p.cfg = selection.resolve_auto(p)  # a run trained with `auto` records its choice
@@ -133,6 +135,7 @@ def format_eval(result: dict) -> str:
                      for k, v in rows)
 
 
-def save_eval(result: dict, path: Path) -> Path:
+def save_eval(result: dict, path: epath.PathLike) -> epath.Path:
+    path = epath.Path(path)
     path.write_text(json.dumps(result, indent=2))
     return path

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from dpok_jax import storage
 
 COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -50,17 +52,17 @@ def embed_texts(encoder, texts: Sequence[str], cache_dir: str | os.PathLike | No
         h = hashlib.sha256(_encoder_fingerprint(encoder).encode())
         for text in unique:
             h.update(text.encode("utf-8", "surrogatepass") + b"\0")
-        path = Path(cache_dir).expanduser() / f"encoder-{h.hexdigest()[:24]}.npy"
-        if path.is_file():
-            table = np.load(path)
+        path = storage.run_path(cache_dir) / f"encoder-{h.hexdigest()[:24]}.npy"  # local or gs://
+        if path.exists():
+            table = np.load(io.BytesIO(path.read_bytes()))
             if table.shape == (len(unique), encoder.dim):
                 return table[inverse]
     table = encoder.encode(list(unique))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, table)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        buf = io.BytesIO()
+        np.save(buf, table)
+        storage.write_bytes(path, buf.getvalue())  # a reader never sees half a file
     return table[inverse]
 
 

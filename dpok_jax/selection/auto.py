@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from dpok_jax.selection.metrics import log_ratio_kurtosis, smoothness, support_overlap
 from dpok_jax.selection.rules import SelectionReport, select
@@ -125,7 +125,7 @@ def resolve_auto(p) -> Any:
     cfg = p.cfg
     if "auto" not in (cfg.loss.kernel, cfg.loss.divergence):
         return cfg
-    path = Path(cfg.run_dir) / "selection.json"
+    path = epath.Path(cfg.run_dir) / "selection.json"
     if path.exists():
         recorded = json.loads(path.read_text())
         kernel, divergence = recorded["kernel"]["choice"], (recorded.get("divergence") or {}).get("choice")

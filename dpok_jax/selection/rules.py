@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
-
 import numpy as np
+from etils import epath
 
 from dpok_jax.config import SelectionSection
 from dpok_jax.losses import registry
@@ -126,8 +125,8 @@ class SelectionReport:
     def to_dict(self) -> dict:
         return _jsonable(dataclasses.asdict(self))
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
+    def save(self, path: epath.PathLike) -> epath.Path:
+        path = epath.Path(path)  # a local path or a run folder's gs://... URL
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path

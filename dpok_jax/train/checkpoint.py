@@ -6,14 +6,15 @@ Async saves; the last `keep` checkpoints and the best one by held-out accuracy a
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from dpok_jax import storage
 
 BEST_METRIC = "eval/accuracy"
 
@@ -42,10 +43,10 @@ def use_distributed_barriers() -> None:
 class RunCheckpoints:
     """Checkpoints under `RUN_DIR/checkpoints/<step>/{state,data}`."""
 
-    def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
+    def __init__(self, directory: epath.PathLike, *, keep: int, async_save: bool = True):
         if jax.process_count() > 1:
             use_distributed_barriers()
-        self.directory = Path(directory).absolute()
+        self.directory = storage.run_path(directory)  # local: absolute; gs://...: as given
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=max(int(keep), 1)),
             pp.BestN(get_metric_fn=lambda m: m.get(BEST_METRIC, float("-inf")), n=1,
@@ -99,14 +100,14 @@ class RunCheckpoints:
                       f"{moved}; falling back to the previous checkpoint.", flush=True)
         return None
 
-    def _set_aside(self, step: int) -> Path:
+    def _set_aside(self, step: int) -> epath.Path:
         damaged = self.directory.parent / f"{self.directory.name}_damaged"
         target = damaged / str(step)
         if jax.process_index() == 0:
             damaged.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 target = damaged / f"{step}-{len(list(damaged.iterdir()))}"
-            shutil.move(str(self.directory / str(step)), str(target))
+            (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -132,12 +133,12 @@ def _is_scalar(v) -> bool:
     return isinstance(v, (int, float)) or (hasattr(v, "shape") and v.shape == ())
 
 
-def restore_policy(directory: str | Path) -> tuple[int, dict]:
+def restore_policy(directory: epath.PathLike) -> tuple[int, dict]:
     """`(step, nested dict of numpy arrays)`: only the policy's parameters (no optimizer state; orbax
     partial restore) of the newest checkpoint under `directory` that reads back (a damaged one is
     skipped with a message), placed on this machine's first device whatever mesh wrote it. Raises if
     there is none, or if its weights are not all finite."""
-    ckpt_dir = Path(directory).absolute()
+    ckpt_dir = storage.run_path(directory)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     manager = ocp.CheckpointManager(ckpt_dir, item_handlers={"state": ocp.PyTreeCheckpointHandler(),

@@ -12,27 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
+
+from dpok_jax import storage
 
 from dpok_jax.config import Config, load_config
 from dpok_jax.train.checkpoint import restore_policy
 
 
-def _run_config(run_dir: Path) -> Config:
-    config_file = Path(run_dir) / "config.yaml"
-    if not config_file.is_file():
+def _run_config(run_dir: epath.PathLike) -> Config:
+    config_file = epath.Path(run_dir) / "config.yaml"
+    if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: is {run_dir} a dpok run folder?")
-    return load_config(config_file)
+    with storage.local_copy(config_file) as local:
+        return load_config(local)
 
 
-def load_run_policy(run_dir: str | Path) -> tuple[Any, Any, Config]:
+def load_run_policy(run_dir: epath.PathLike) -> tuple[Any, Any, Config]:
     """`(model, tokenizer, cfg)`: the run's trained policy as an NNX Llama on this machine."""
     from dpok_jax import data as data_lib
     from dpok_jax.train.run import model_skeleton, tokenizer_source
 
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)  # local or gs://...
     cfg = _run_config(run_dir)
-    _, policy = restore_policy(Path(run_dir) / "checkpoints")
+    _, policy = restore_policy(run_dir / "checkpoints")
     tokenizer = data_lib.load_tokenizer(tokenizer_source(cfg))
     model = model_skeleton(cfg, tokenizer)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -40,7 +44,7 @@ def load_run_policy(run_dir: str | Path) -> tuple[Any, Any, Config]:
     return nnx.merge(graphdef, params, rest), tokenizer, cfg
 
 
-def export_run(run_dir: Path, out: Path) -> Path:
+def export_run(run_dir: epath.PathLike, out: Path) -> Path:
     """Write the policy (safetensors + config.json) and its tokenizer files to `out`."""
     from dpok_jax.models import save_llama
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding
 
 from dpok_jax.evaluation.preference import scores_by_task
@@ -66,7 +66,7 @@ def run_loop(
     eval_batches: Callable[[], Any],
     task_names,
     sharding: NamedSharding,
-    run_dir: Path,
+    run_dir: epath.PathLike,
     total_steps: int,
     log_every: int,
     eval_every: int,
@@ -84,7 +84,7 @@ def run_loop(
     Checkpoints never hold non-finite parameters; the metrics window of a partly logged interval is
     saved with the data position, so a resumed run logs the same averages as an uninterrupted one.
     """
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)
     stop = stop if stop is not None else StopRequest()
     ckpt = RunCheckpoints(run_dir / "checkpoints", keep=keep_checkpoints)
     log = MetricsLog(run_dir)
@@ -148,6 +148,7 @@ def run_loop(
             if (checkpoint_every and step % checkpoint_every == 0) or stop_now \
                     or step == total_steps:
                 if params_finite(state.params):
+                    log.flush()  # remote run folders: the rows up to this checkpoint, saved
                     data_state = dict(batcher.state())
                     data_state[_WINDOW_KEY] = [{k: float(v) for k, v in m.items()} for m in window]
                     ckpt.save(step, state, data_state, evaluated, force=True)

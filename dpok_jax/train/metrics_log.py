@@ -1,25 +1,40 @@
-"""Run metrics: `RUN_DIR/metrics.jsonl` (one JSON object a line) and TensorBoard event files."""
+"""Run metrics: `RUN_DIR/metrics.jsonl` (one JSON object a line) and TensorBoard event files.
+
+On a local run folder each row is appended to the file. An object store (`run_dir=gs://...`) cannot
+append, so there the log keeps the file's rows in memory and rewrites the whole object, at most once
+every `flush_every_s` seconds and at every `flush()` (the loop flushes before each checkpoint save,
+so a resumed run's log has every row up to its checkpoint) and `close()`. A run killed between two
+flushes loses the rows since the last one; they lie after its last checkpoint, which the resumed run
+logs again anyway.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import time
 
 import jax
+from etils import epath
+
+from dpok_jax import storage
 
 
 class MetricsLog:
-    """Append-only JSONL + TensorBoard writer; only process 0 writes."""
+    """JSONL + TensorBoard writer; only process 0 writes."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, run_dir: epath.PathLike, *, tensorboard: bool = True,
+                 flush_every_s: float = 60.0):
+        self.path = epath.Path(run_dir) / "metrics.jsonl"
         self.active = jax.process_index() == 0
+        self._local = storage.is_local(self.path)
+        self._lines: list[str] | None = None  # remote: the whole file, rewritten on flush
+        self._dirty = False
+        self._flushed_at = time.monotonic()
+        self._flush_every_s = flush_every_s
         self._tb = None
         if self.active and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = _tensorboard(epath.Path(run_dir) / "tensorboard")
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (a crashed run logs past its last checkpoint), and a torn
@@ -28,9 +43,9 @@ class MetricsLog:
             return
         rows = _parse(self.path, tolerate_torn_tail=True)
         kept = [json.dumps(r) for r in rows if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        storage.write_text(self.path, "".join(line + "\n" for line in kept))
+        if not self._local:
+            self._lines = kept
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.active:
@@ -41,15 +56,50 @@ class MetricsLog:
             row[key] = value if math.isfinite(value) else str(value)
             if self._tb is not None and math.isfinite(value):
                 self._tb.add_scalar(f"{split}/{key}", value, int(step))
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._local:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            return
+        if self._lines is None:
+            self._lines = ([json.dumps(r) for r in _parse(self.path, tolerate_torn_tail=True)]
+                           if self.path.exists() else [])
+        self._lines.append(json.dumps(row))
+        self._dirty = True
+        if time.monotonic() - self._flushed_at >= self._flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Remote folders: rewrite the whole object with every row so far (local: nothing to do)."""
+        if self._tb is not None:
+            self._tb.flush()
+        if self.active and self._dirty and self._lines is not None:
+            storage.write_text(self.path, "".join(line + "\n" for line in self._lines))
+            self._dirty = False
+        self._flushed_at = time.monotonic()
 
     def close(self) -> None:
+        self.flush()
         if self._tb is not None:
             self._tb.close()
 
 
-def _parse(path: Path, *, tolerate_torn_tail: bool) -> list[dict]:
+def _tensorboard(logdir: epath.Path):
+    """A tensorboardX writer; on a remote folder only when tensorboardX can write there (its `gs://`
+    writer needs google-cloud-storage, its `s3://` one boto3), else none, with a note
+    (metrics.jsonl has every value)."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    if not storage.is_local(logdir):
+        scheme = str(logdir).split(":", 1)[0]
+        if not {"gs": record_writer.GCS_ENABLED, "s3": record_writer.S3_ENABLED}.get(scheme, False):
+            print(f"TensorBoard events not written to {logdir} (tensorboardX cannot write {scheme}:// "
+                  "here: install google-cloud-storage for gs://, boto3 for s3://); metrics.jsonl has "
+                  "every value.", flush=True)
+            return None
+    return SummaryWriter(str(logdir))
+
+
+def _parse(path: epath.Path, *, tolerate_torn_tail: bool) -> list[dict]:
     lines = path.read_text().splitlines()
     rows = []
     for number, line in enumerate(lines, start=1):
@@ -66,7 +116,7 @@ def _parse(path: Path, *, tolerate_torn_tail: bool) -> list[dict]:
     return rows
 
 
-def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict]:
+def read_metrics(run_dir: epath.PathLike, split: str | None = None) -> list[dict]:
     """Rows of `RUN_DIR/metrics.jsonl` (of one split if given); a torn last line is skipped."""
-    rows = _parse(Path(run_dir) / "metrics.jsonl", tolerate_torn_tail=True)
+    rows = _parse(epath.Path(run_dir) / "metrics.jsonl", tolerate_torn_tail=True)
     return [r for r in rows if split is None or r["split"] == split]

@@ -14,16 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import socket
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from dpok_jax import losses
+from dpok_jax import losses, storage
 from dpok_jax.train.interrupts import Interrupted, StopRequest
 from dpok_jax.host_device import host_rows, to_global
 from dpok_jax.host_device import to_host as _fetch
@@ -188,32 +186,32 @@ class _CachedBatcher:
         self.batcher.restore(state)
 
 
-def cache_path(cache_dir: Path, *, split: str, pairs, ref_params, spec: StepSpec,
-               top_k: int | None, width: int, model: dict) -> Path:
+def cache_path(cache_dir: epath.PathLike, *, split: str, pairs, ref_params, spec: StepSpec,
+               top_k: int | None, width: int, model: dict) -> epath.Path:
     """`cache_dir/<split>-<fingerprint>.npz`: the fingerprint covers the tokenized data's content,
     the reference parameters' content and every setting that changes the cached values."""
     key = json.dumps(dict(data=pairs_digest(pairs), params=params_digest(ref_params), split=split,
                           top_k=top_k, width=width, reduction=spec.logp_reduction,
                           embeddings=spec.embeddings, model=model, version=2),
                      sort_keys=True, default=str)
-    return Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+    return epath.Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
 
 
 def precomputed_reference(*, fns: ModelFns, spec: StepSpec, ref_params, pairs,
-                          batches: Iterable[dict], batch_sharding, path: Path, top_k: int | None,
+                          batches: Iterable[dict], batch_sharding, path: epath.PathLike, top_k: int | None,
                           width: int, progress: bool = True, stop: StopRequest | None = None
                           ) -> ReferenceCache:
     """Load the reference cache at `path`, or compute it with one in-order pass (`batches`, from
     `PreferenceBatcher.iterate_once`) and save it there.
 
     Every host gathers every host's rows (any host's batcher later draws any example) and writes the
-    same file atomically (a host-unique temporary, then a rename), so the cache is complete whether
-    the hosts share a filesystem or not, and any process count reads it back.
+    same file whole (`storage.save_npz`: locally a host-unique temporary, then a rename; in an object
+    store one upload), so the cache is complete whether the hosts share a filesystem or not, and any
+    process count reads it back.
     """
-    path = Path(path)
+    path = epath.Path(path)
     if path.exists():
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
+        arrays = storage.load_npz(path)
         print(f"Reference values loaded from {path}.", flush=True)
         return ReferenceCache(arrays, int(arrays.pop("_width")))
     fn = _reference_pass(fns, spec, top_k, ref_params, batch_sharding)
@@ -226,7 +224,7 @@ def precomputed_reference(*, fns: ModelFns, spec: StepSpec, ref_params, pairs,
         _check_stop(stop, "the reference pass")
         out = jax.tree.map(_fetch, fn(ref_params, to_global(_model_inputs(batch), batch_sharding)))
         rows = host_rows({k: batch[k] for k in batch if k in ("valid", "example_index") or
-                          k in ("packed_sequence", "packed_segment_ids", "packed_positions")},
+                          k in ("packed_sequence", "packed_segment_ids", "packed_positions", "packed_branch")},
                          batch_sharding)
         valid = rows["valid"].astype(bool)
         for key in ("indices", "logps"):
@@ -244,7 +242,5 @@ def precomputed_reference(*, fns: ModelFns, spec: StepSpec, ref_params, pairs,
                 arrays[k] = np.zeros((n,) + v.shape[1:], v.dtype)
             arrays[k][idx] = v
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{socket.gethostname()}-{os.getpid()}.npz")
-    np.savez(tmp, _width=np.array(width), **arrays)
-    tmp.replace(path)
+    storage.save_npz(path, _width=np.array(width), **arrays)
     return ReferenceCache(arrays, width)

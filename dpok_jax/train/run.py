@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 import threadpoolctl
+from etils import epath
 from flax import nnx
 
 from dpok_jax import config as config_lib
@@ -67,7 +68,7 @@ def step_spec(cfg: config_lib.Config) -> StepSpec:
     )
 
 
-def _load_data(cfg: config_lib.Config, tokenizer, run_dir: Path):
+def _load_data(cfg: config_lib.Config, tokenizer, run_dir: epath.Path):
     """Training and held-out pairs (`data.load_pairs`); bad-row reports saved in `run_dir`."""
     if cfg.model.path is not None and Path(cfg.model.path).is_dir():
         # A folder that is not a Llama fails here, before any data work, with its model_type.
@@ -126,7 +127,7 @@ def model_skeleton(cfg: config_lib.Config, tokenizer):
 
 def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = None) -> Prepared:
     """Data, model on the mesh, and the reference (after the SFT warm-up, if any)."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = epath.Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor,
                               devices=devices)
@@ -145,7 +146,7 @@ def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = 
         from dpok_jax.models.encoder import SentenceEncoder
 
         encoder = SentenceEncoder(cfg.loss.encoder_path)
-        cache = Path(cfg.reference.cache_dir or Path(cfg.run_dir).parent / ".reference_cache")
+        cache = _cache_dir(cfg, run_dir)
         train_pairs, eval_pairs = (add_pair_embeddings(p, tokenizer, encoder, cache)
                                    for p in (train_pairs, eval_pairs))
     model = _build_model(cfg, tokenizer, mesh)
@@ -193,16 +194,21 @@ def _one_pass(p: Prepared, pairs):
     return map(packing_lib.apply_packing, batches)
 
 
-def _reference_cache(p: Prepared, spec: StepSpec, ref_params, run_dir: Path, split: str,
+def _cache_dir(cfg: config_lib.Config, run_dir: epath.PathLike) -> epath.Path:
+    """`reference.cache_dir`, by default `.reference_cache` beside `run_dir` (shared by runs)."""
+    if cfg.reference.cache_dir:
+        return epath.Path(cfg.reference.cache_dir)
+    return epath.Path(run_dir).parent / ".reference_cache"
+
+
+def _reference_cache(p: Prepared, spec: StepSpec, ref_params, run_dir: epath.Path, split: str,
                      stop: StopRequest | None):
     cfg = p.cfg
     pairs = p.train_pairs if split == "train" else p.eval_pairs
     top_k = cfg.reference.top_k if spec.uses_divergence else None
     width = next(b for b in sorted(cfg.data.buckets) if b >= cfg.data.max_length) - 1
-    cache_dir = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else \
-        Path(run_dir).parent / ".reference_cache"
-    path = reference_lib.cache_path(cache_dir, split=split, pairs=pairs, ref_params=ref_params,
-                                    spec=spec, top_k=top_k, width=width,
+    path = reference_lib.cache_path(_cache_dir(cfg, run_dir), split=split, pairs=pairs,
+                                    ref_params=ref_params, spec=spec, top_k=top_k, width=width,
                                     model=config_lib.to_dict(cfg)["model"])
     return reference_lib.precomputed_reference(
         fns=p.fns, spec=spec, ref_params=ref_params, pairs=pairs, batches=_one_pass(p, pairs),
@@ -210,10 +216,11 @@ def _reference_cache(p: Prepared, spec: StepSpec, ref_params, run_dir: Path, spl
         progress=cfg.train.progress, stop=stop)
 
 
-def train_one(p: Prepared, cfg: config_lib.Config, run_dir: Path, *, should_stop=None,
+def train_one(p: Prepared, cfg: config_lib.Config, run_dir: epath.PathLike, *, should_stop=None,
               stop: StopRequest | None = None) -> LoopResult:
     """One DPO-Kernels run from the prepared reference into `run_dir` (whose config.yaml the caller
     has checked and written)."""
+    run_dir = epath.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = stop if stop is not None else StopRequest()
     spec = step_spec(cfg)
@@ -301,7 +308,7 @@ def dpo_baseline_config(cfg: config_lib.Config) -> config_lib.Config:
     loss = dataclasses.replace(cfg.loss, gamma=0.0, kernel="none", eta=0.0, alpha=0.0,
                                divergence="none", link="sigmoid", reward="reverse_kl",
                                label_smoothing=0.0)
-    return dataclasses.replace(cfg, loss=loss, run_dir=str(Path(cfg.run_dir) / "dpo_baseline"))
+    return dataclasses.replace(cfg, loss=loss, run_dir=str(epath.Path(cfg.run_dir) / "dpo_baseline"))
 
 
 @contextlib.contextmanager
@@ -371,7 +378,7 @@ def _signal_name(signum: int | None) -> str:
 def _run(cfg: config_lib.Config, *, should_stop=None, devices=None,
          stop: StopRequest | None = None, allow_changes: tuple[str, ...] = ()) -> dict:
     stop = stop if stop is not None else StopRequest()
-    run_dir = Path(cfg.run_dir)
+    run_dir = epath.Path(cfg.run_dir)
     p = prepare(cfg, devices=devices, stop=stop)
     cfg = p.cfg = selection.resolve_auto(p)  # loss.kernel / loss.divergence "auto" (SPEC §9)
     runs: dict[str, LoopResult] = {}
@@ -379,7 +386,7 @@ def _run(cfg: config_lib.Config, *, should_stop=None, devices=None,
     runs[label] = train_one(p, cfg, run_dir, should_stop=should_stop, stop=stop)
     if cfg.train.compare_with_dpo and not runs[label].interrupted:
         base = dpo_baseline_config(cfg)
-        base_dir = Path(base.run_dir)
+        base_dir = epath.Path(base.run_dir)
         run_folder.prepare_run_dir(base_dir)
         run_folder.check_resume_config(base, base_dir, allow=allow_changes)
         if jax.process_index() == 0:

@@ -12,15 +12,15 @@ exactly. The finished reference goes to `RUN_DIR/reference` and later runs load 
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 import jax
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpok_jax import config as config_lib
+from dpok_jax import storage
 from dpok_jax.train.checkpoint import RunCheckpoints
 from dpok_jax.train.interrupts import Interrupted, StopRequest
 from dpok_jax.train.loop import TrainingDiverged, params_finite, to_global, tree_copy
@@ -54,10 +54,10 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
 
 
 def sft_warmup(*, cfg: config_lib.Config, fns: ModelFns, init_params: Any, param_shardings: Any,
-               batch_sharding: NamedSharding, batcher, run_dir: Path, stop: StopRequest) -> Any:
+               batch_sharding: NamedSharding, batcher, run_dir: epath.PathLike, stop: StopRequest) -> Any:
     """The reference parameters: loaded from `RUN_DIR/reference`, or trained (resuming if it was
     interrupted) and saved there. Raises `Interrupted` after saving progress on a signal."""
-    run_dir = Path(run_dir).absolute()
+    run_dir = storage.run_path(run_dir)
     done = RunCheckpoints(run_dir / REFERENCE_DIR, keep=1, async_save=False)
     restored = done.restore_latest(init_params)
     done.close()
@@ -120,5 +120,8 @@ def sft_warmup(*, cfg: config_lib.Config, fns: ModelFns, init_params: Any, param
     done.save(0, params, {"sft_steps": cfg.sft.steps}, force=True)
     done.close()
     if jax.process_index() == 0:
-        shutil.rmtree(run_dir / PROGRESS_DIR, ignore_errors=True)
+        try:  # best effort, as before: the finished reference is already saved
+            (run_dir / PROGRESS_DIR).rmtree(missing_ok=True)
+        except OSError:
+            pass
     return params
