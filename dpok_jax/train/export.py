@@ -32,13 +32,13 @@ def _run_config(run_dir: epath.PathLike) -> Config:
 def load_run_policy(run_dir: epath.PathLike) -> tuple[Any, Any, Config]:
     """`(model, tokenizer, cfg)`: the run's trained policy as an NNX Llama on this machine."""
     from dpok_jax import data as data_lib
-    from dpok_jax.train.run import model_skeleton, tokenizer_source
+    from dpok_jax.models import build
 
     run_dir = epath.Path(run_dir)  # local or gs://...
     cfg = _run_config(run_dir)
     _, policy = restore_policy(run_dir / "checkpoints")
-    tokenizer = data_lib.load_tokenizer(tokenizer_source(cfg))
-    model = model_skeleton(cfg, tokenizer)
+    tokenizer = data_lib.load_tokenizer(build.tokenizer_source(cfg.data.tokenizer, cfg.model.path))
+    model = build.model_skeleton(cfg.model, tokenizer, seed=cfg.train.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, jax.tree.map(jax.numpy.asarray, policy))
     return nnx.merge(graphdef, params, rest), tokenizer, cfg

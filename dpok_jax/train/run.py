@@ -26,7 +26,7 @@ from dpok_jax import data as data_lib
 from dpok_jax import host_device, losses, selection, sharding
 from dpok_jax.data import packing as packing_lib
 from dpok_jax.losses import registry
-from dpok_jax.models import Llama, ModelConfig, init_llama, load_llama, read_config
+from dpok_jax.models import build
 from dpok_jax.train import reference as reference_lib
 from dpok_jax.train import run_folder
 from dpok_jax.train import sft as sft_lib
@@ -81,50 +81,6 @@ def _load_data(cfg: config_lib.Config, tokenizer, run_dir: epath.Path):
                                min_train_pairs=max(batches, default=1))
 
 
-def tokenizer_source(cfg: config_lib.Config) -> str:
-    """`data.tokenizer`, except that the default "byte" gives way to a checkpoint's own tokenizer."""
-    if cfg.data.tokenizer == "byte" and cfg.model.path is not None:
-        return cfg.model.path
-    return cfg.data.tokenizer
-
-
-def model_config(cfg: config_lib.Config, tokenizer) -> ModelConfig:
-    """The Llama's hyperparameters: from `model.path`'s config.json, else the preset (with size
-    overrides) and a vocabulary that covers the tokenizer."""
-    m = cfg.model
-    if m.path is not None:
-        return read_config(m.path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-    overrides = {k: v for k, v in dataclasses.asdict(m).items()
-                 if k in {"hidden_size", "intermediate_size", "num_layers", "num_heads",
-                          "num_kv_heads", "head_dim"} and v is not None}
-    constructor = getattr(ModelConfig, m.preset, None)
-    if constructor is None:
-        raise ValueError(f"config model.preset={m.preset!r}: unknown (tiny, smollm2_135m, "
-                         "llama3_2_1b, llama3_1_8b)")
-    vocab = max(int(getattr(tokenizer, "vocab_size", 0)), len(tokenizer))
-    # Padded to a multiple of 64 so the vocabulary axis divides over tensor-parallel meshes; the
-    # extra ids never occur as labels.
-    vocab = -(-vocab // 64) * 64
-    return constructor(vocab_size=vocab, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                       **overrides)
-
-
-def _build_model(cfg: config_lib.Config, tokenizer, mesh):
-    m = cfg.model
-    if m.path is not None:
-        return load_llama(m.path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
-    return init_llama(model_config(cfg, tokenizer), seed=cfg.train.seed, mesh=mesh)
-
-
-def model_skeleton(cfg: config_lib.Config, tokenizer):
-    """The run's Llama with abstract parameters (nothing allocated), to restore trained weights into.
-    A `model.path` that is not a Hugging Face folder (a .gguf file) is loaded instead."""
-    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
-        return _build_model(cfg, tokenizer, None)
-    config = model_config(cfg, tokenizer)
-    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-
-
 def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = None) -> Prepared:
     """Data, model on the mesh, and the reference (after the SFT warm-up, if any)."""
     run_dir = epath.Path(cfg.run_dir)
@@ -139,7 +95,7 @@ def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = 
     # Before any data or compile work: each process must own the rows its batcher feeds it.
     for size in {cfg.train.batch_size, cfg.sft.batch_size} if cfg.sft.steps else {cfg.train.batch_size}:
         host_device.check_batch_layout(sharding.batch_sharding(mesh), size)
-    tokenizer = data_lib.load_tokenizer(tokenizer_source(cfg))
+    tokenizer = data_lib.load_tokenizer(build.tokenizer_source(cfg.data.tokenizer, cfg.model.path))
     train_pairs, eval_pairs = _load_data(cfg, tokenizer, run_dir)
     if cfg.loss.embeddings == "encoder":  # the paper's external sentence encoder, once, cached on disk
         from dpok_jax.models.embed import add_pair_embeddings
@@ -149,7 +105,7 @@ def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = 
         cache = _cache_dir(cfg, run_dir)
         train_pairs, eval_pairs = (add_pair_embeddings(p, tokenizer, encoder, cache)
                                    for p in (train_pairs, eval_pairs))
-    model = _build_model(cfg, tokenizer, mesh)
+    model = build.build_model(cfg.model, tokenizer, seed=cfg.train.seed, mesh=mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     shardings = sharding.param_shardings(mesh, params)
     params = jax.device_put(params, shardings)
