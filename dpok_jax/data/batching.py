@@ -47,7 +47,10 @@ class PreferenceBatcher:
         ``"_pack"`` entry (rows, row length, ...) that `packing.apply_packing` turns into the packed
         layout once any cached reference values are attached. The row length is the batch's bucket;
         the row count is the same on every host. `pack_length`: rows are at least this long (the
-        smallest bucket holding it), so that short sequences share rows.
+        smallest bucket holding it), so that short sequences share rows. `pack_share_prompt`: a
+        pair's prompt is laid down once and both responses branch off it (prefix sharing; the row
+        length is then the smallest bucket holding the batch's longest pair, or a multiple of 128
+        past the largest bucket).
       pack_row_multiple: the packed row count per host is a multiple of this (the host's batch
         devices); `pack_accum`: gradient-accumulation micro-batches (rows are packed per micro-batch).
 
@@ -64,7 +67,8 @@ class PreferenceBatcher:
     def __init__(self, pairs: TokenizedPairs, *, global_batch_size: int, seed: int,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, shuffle: bool = True, drop_last: bool = True,
                  process_index: int = 0, process_count: int = 1, packing: bool = False,
-                 pack_row_multiple: int = 1, pack_accum: int = 1, pack_length: int = 0):
+                 pack_row_multiple: int = 1, pack_accum: int = 1, pack_length: int = 0,
+                 pack_share_prompt: bool = True):
         if global_batch_size < 1 or global_batch_size % process_count:
             raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                              f"process_count={process_count}")
@@ -88,6 +92,7 @@ class PreferenceBatcher:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.packing, self.pack_row_multiple, self.pack_accum = bool(packing), int(pack_row_multiple), int(pack_accum)
         self.pack_length = int(pack_length)
+        self.pack_share_prompt = bool(pack_share_prompt)
         if self.packing and self.local_batch_size % self.pack_accum:
             raise ValueError(f"packing: {self.local_batch_size} pairs per host do not split into "
                              f"{self.pack_accum} micro-batches")
@@ -184,19 +189,28 @@ class PreferenceBatcher:
         for k, v in p.embeddings.items():
             batch[k] = v[mine]
         if self.packing:
-            from dpok_jax.data.packing import rows_needed
-
-            lb = self.local_batch_size
-            host_lengths = [np.stack([[len(p.prompt_ids[r]) + len(p.chosen_ids[r]),
-                                       len(p.prompt_ids[r]) + len(p.rejected_ids[r])]
-                                      for r in rows[h * lb:(h + 1) * lb]]) for h in range(self.process_count)]
-            capacity = next(b for b in self.buckets if b >= max(length, self.pack_length))
-            batch["_pack"] = dict(
-                rows=rows_needed(host_lengths, capacity, accum=self.pack_accum,
-                                 row_multiple=self.pack_row_multiple),
-                capacity=capacity, pad_token_id=int(p.pad_token_id), accum=self.pack_accum,
-                pair_offset=lo, global_pairs=g)
+            batch["_pack"] = self._pack_plan(rows, length, lo)
         return batch
+
+    def _pack_plan(self, rows: np.ndarray, length: int, lo: int) -> dict:
+        """The ``"_pack"`` entry of a global batch's rows (the same row count on every host)."""
+        from dpok_jax.data.packing import rows_needed, shared_pair_lengths
+
+        p, lb = self.pairs, self.local_batch_size
+        prompt, chosen, rejected = (np.array([len(x[r]) for r in rows]) for x in
+                                    (p.prompt_ids, p.chosen_ids, p.rejected_ids))
+        if self.pack_share_prompt:  # one item per pair: its prompt laid down once
+            lengths = shared_pair_lengths(prompt, chosen, rejected)
+        else:  # one item per sequence
+            lengths = np.stack([prompt + chosen, prompt + rejected], axis=1)
+        target = max(int(lengths.max()), length, self.pack_length)
+        capacity = next((b for b in self.buckets if b >= target), -(-target // 128) * 128)
+        host_lengths = [lengths[h * lb:(h + 1) * lb] for h in range(self.process_count)]
+        return dict(rows=rows_needed(host_lengths, capacity, accum=self.pack_accum,
+                                     row_multiple=self.pack_row_multiple),
+                    capacity=capacity, pad_token_id=int(p.pad_token_id), accum=self.pack_accum,
+                    pair_offset=lo, global_pairs=self.global_batch_size,
+                    share_prompt=self.pack_share_prompt)
 
 
 def make_batcher(pairs: TokenizedPairs, *, batch_size: int, seed: int,

@@ -15,6 +15,22 @@ end to end into ``R`` rows of one length ``P`` (first-fit decreasing), with
   sums (log-probs, pooled embeddings) are ``segment_sum`` over it, so every result comes out in the
   unpacked step's order and the loss, gradients and metrics equal the unpacked step's.
 
+With ``share_prompt`` (prefix sharing) a pair is one segment instead of two: the prompt is laid
+down once and each response branches off it. The segment holds the prompt's tokens but the last
+(branch 0), then the chosen sequence's remaining tokens (the prompt's last token and the chosen
+response, branch 1), then the rejected sequence's remaining tokens (the prompt's last token again and
+the rejected response, branch 2), with the positions the unpacked rows give them, and
+
+- ``packed_branch`` int32 [R, P]: 0, 1 or 2 as above. A token attends to the earlier tokens of its
+  segment that are in branch 0 or in its own branch, so every token sees exactly what it sees in its
+  own unpacked sequence, and the prompt's last token is computed once per branch so that each
+  response's first token is predicted from the position just before it. A prediction (label
+  position ``t`` for token ``t + 1``) counts only where token ``t + 1`` attends token ``t``.
+
+Prompt tokens are numbered with the chosen sequence (``packed_sequence``), which is where the
+unpacked step pools the prompt embedding from. A pair of prompt length ``n_x`` then costs
+``n_x + n_{y+} + n_{y-} + 1`` positions instead of ``2 n_x + n_{y+} + n_{y-}``.
+
 Per-pair arrays (``task_id``, ``valid``, cached reference log-probs and embeddings, dataset
 embeddings) are kept as they are. A precomputed reference's top-k rows ``ref_topk_*`` [b, 2, L-1, k]
 are laid out like the tokens: ``packed_ref_topk_*`` [R, P-1, k].
@@ -56,8 +72,23 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 def _micro_lengths(seq_lengths: np.ndarray, accum: int) -> list[np.ndarray]:
     """[b, 2] (chosen, rejected) lengths of one host -> per micro-batch, the 2 * b/accum lengths
-    in packing order (chosen of its pairs, then rejected)."""
+    in packing order (chosen of its pairs, then rejected). [b] pair lengths (``share_prompt``) ->
+    per micro-batch, its b/accum pairs' lengths."""
+    if seq_lengths.ndim == 1:
+        return [seq_lengths[m::accum] for m in range(accum)]
     return [np.concatenate([seq_lengths[m::accum, 0], seq_lengths[m::accum, 1]]) for m in range(accum)]
+
+
+def shared_prefix(prompt_lengths: np.ndarray) -> np.ndarray:
+    """Tokens of a pair laid down once with ``share_prompt``: the prompt but its last token."""
+    return np.maximum(np.asarray(prompt_lengths, np.int64) - 1, 0)
+
+
+def shared_pair_lengths(prompt_lengths, chosen_lengths, rejected_lengths) -> np.ndarray:
+    """Positions one pair takes in a packed row with ``share_prompt`` (sequence lengths here are
+    response lengths; the prompt is shared but its last token)."""
+    p = np.asarray(prompt_lengths, np.int64)
+    return 2 * p + np.asarray(chosen_lengths) + np.asarray(rejected_lengths) - shared_prefix(p)
 
 
 def rows_needed(host_lengths: list[np.ndarray], capacity: int, *, accum: int = 1,
@@ -68,7 +99,8 @@ def rows_needed(host_lengths: list[np.ndarray], capacity: int, *, accum: int = 1
     step for a handful of shapes only.
 
     Args:
-      host_lengths: per process, its pairs' (chosen, rejected) sequence lengths, int [b, 2].
+      host_lengths: per process, its pairs' (chosen, rejected) sequence lengths, int [b, 2], or
+        with ``share_prompt`` its pairs' packed lengths (`shared_pair_lengths`), int [b].
       capacity: the packed row length.
     """
     per_micro = max(len(first_fit_decreasing(lens, capacity))
@@ -82,12 +114,13 @@ def rows_needed(host_lengths: list[np.ndarray], capacity: int, *, accum: int = 1
 
 
 def pack_batch(batch: dict, *, rows: int, capacity: int, pad_token_id: int, accum: int = 1,
-               pair_offset: int = 0, global_pairs: int | None = None) -> dict:
+               pair_offset: int = 0, global_pairs: int | None = None, share_prompt: bool = False) -> dict:
     """An unpacked host batch (see `PreferenceBatcher`) -> the same pairs packed into `rows` rows of
     `capacity` tokens (module docstring). Raises if they do not fit (use `rows_needed`).
 
     `pair_offset` is this process's first pair in the global batch of `global_pairs` pairs (default:
-    one process), so `packed_sequence` numbers the global (micro-)batch's sequences."""
+    one process), so `packed_sequence` numbers the global (micro-)batch's sequences. `share_prompt`:
+    one segment per pair, the prompt laid down once (module docstring)."""
     ids = {s: np.asarray(batch[f"{s}_input_ids"]) for s in ("chosen", "rejected")}
     attn = {s: np.asarray(batch[f"{s}_attention_mask"]) for s in ("chosen", "rejected")}
     resp = {s: np.asarray(batch[f"{s}_response_mask"]) for s in ("chosen", "rejected")}
@@ -95,12 +128,18 @@ def pack_batch(batch: dict, *, rows: int, capacity: int, pad_token_id: int, accu
     if b % accum or rows % accum:
         raise ValueError(f"{b} pairs and {rows} rows must both divide into accum={accum} micro-batches")
     lengths = np.stack([attn["chosen"].sum(1), attn["rejected"].sum(1)], axis=1).astype(np.int64)
+    if share_prompt:
+        shared = _common_prompt(ids, attn, resp)
+        items = lengths.sum(1) - shared  # [b] one item per pair
+    else:
+        items = lengths  # [b, 2] one item per sequence
     topk = "ref_topk_indices" in batch
     out = {k: v for k, v in batch.items() if k not in _UNPACKED and not k.startswith("ref_topk_")}
     tok = np.full((rows, capacity), pad_token_id, np.int32)
     seg = np.zeros((rows, capacity), np.int32)
     pos = np.zeros((rows, capacity), np.int32)
     rmask = np.zeros((rows, capacity), np.int32)
+    branch = np.zeros((rows, capacity), np.int32)
     bm = b // accum
     gm = (b if global_pairs is None else int(global_pairs)) // accum  # pairs per global micro-batch
     if pair_offset % accum:
@@ -110,7 +149,7 @@ def pack_batch(batch: dict, *, rows: int, capacity: int, pad_token_id: int, accu
         k = batch["ref_topk_indices"].shape[-1]
         tk_idx = np.zeros((rows, capacity - 1, k), batch["ref_topk_indices"].dtype)
         tk_lp = np.zeros((rows, capacity - 1, k), batch["ref_topk_logps"].dtype)
-    for m, lens in enumerate(_micro_lengths(lengths, accum)):
+    for m, lens in enumerate(_micro_lengths(items, accum)):
         bins = first_fit_decreasing(lens, capacity)
         if len(bins) > rows // accum:
             raise ValueError(f"{len(bins)} packed rows needed for micro-batch {m}, only "
@@ -119,26 +158,53 @@ def pack_batch(batch: dict, *, rows: int, capacity: int, pad_token_id: int, accu
             r = m + j * accum
             start = 0
             for n_seg, item in enumerate(sorted(members), start=1):
-                side, i = ("chosen", item) if item < bm else ("rejected", item - bm)
-                pair = m + i * accum  # the host-local pair index of micro-batch m's i-th pair
-                n = int(lens[item])
-                sl = slice(start, start + n)
-                tok[r, sl] = ids[side][pair, :n]
-                seg[r, sl] = n_seg
-                pos[r, sl] = np.arange(n)
-                rmask[r, sl] = resp[side][pair, :n]
-                seq[r, sl] = (gm if side == "rejected" else 0) + pair_offset // accum + i
-                if topk and n > 1:
-                    s = 0 if side == "chosen" else 1
-                    # label position t predicts token t + 1: a segment's n - 1 predictions.
-                    tk_idx[r, start:start + n - 1] = batch["ref_topk_indices"][pair, s, :n - 1]
-                    tk_lp[r, start:start + n - 1] = batch["ref_topk_logps"][pair, s, :n - 1]
-                start += n
+                # Pieces of source sequences laid end to end in this segment: (side, micro-batch
+                # index, first and last + 1 source position, branch, whether the piece continues
+                # the one before it in the same sequence).
+                if share_prompt:
+                    i = item
+                    pair = m + i * accum
+                    sh = int(shared[pair])
+                    pieces = [("chosen", i, 0, sh, 0, False),
+                              ("chosen", i, sh, int(lengths[pair, 0]), 1, True),
+                              ("rejected", i, sh, int(lengths[pair, 1]), 2, False)]
+                else:
+                    side, i = ("chosen", item) if item < bm else ("rejected", item - bm)
+                    pieces = [(side, i, 0, int(lens[item]), 0, False)]
+                for side, i, lo, hi, br, continues in pieces:
+                    pair = m + i * accum  # the host-local pair index of micro-batch m's i-th pair
+                    sl = slice(start, start + hi - lo)
+                    tok[r, sl] = ids[side][pair, lo:hi]
+                    seg[r, sl] = n_seg
+                    pos[r, sl] = np.arange(lo, hi)
+                    rmask[r, sl] = resp[side][pair, lo:hi]
+                    branch[r, sl] = br
+                    seq[r, sl] = (gm if side == "rejected" else 0) + pair_offset // accum + i
+                    # Label position t predicts token t + 1: source predictions a .. hi - 2 land at
+                    # row positions start + (a - lo) ..; a continuing piece's first token is
+                    # predicted by the row position just before it.
+                    a = lo - 1 if continues and lo > 0 else lo
+                    if topk and hi - 1 > a:
+                        s = 0 if side == "chosen" else 1
+                        lab = slice(start + a - lo, start + hi - 1 - lo)
+                        tk_idx[r, lab] = batch["ref_topk_indices"][pair, s, a:hi - 1]
+                        tk_lp[r, lab] = batch["ref_topk_logps"][pair, s, a:hi - 1]
+                    start += hi - lo
     out.update(packed_input_ids=tok, packed_segment_ids=seg, packed_positions=pos,
                packed_response_mask=rmask, packed_sequence=seq)
+    if share_prompt:
+        out["packed_branch"] = branch
     if topk:
         out.update(packed_ref_topk_indices=tk_idx, packed_ref_topk_logps=tk_lp)
     return out
+
+
+def _common_prompt(ids: dict, attn: dict, resp: dict) -> np.ndarray:
+    """[b] tokens a pair's two sequences share with ``share_prompt``: their common prompt prefix
+    (the same prompt, unless truncation cut the two differently), less the prompt's last token."""
+    prompt = np.minimum(*(attn[s].sum(1) - resp[s].sum(1) for s in ("chosen", "rejected")))
+    same = np.cumprod(ids["chosen"] == ids["rejected"], axis=1).sum(1)
+    return np.minimum(shared_prefix(prompt), same)
 
 
 def unpack_topk(packed: dict, values: np.ndarray, *, pairs: int, width: int, accum: int = 1) -> np.ndarray:
@@ -146,8 +212,12 @@ def unpack_topk(packed: dict, values: np.ndarray, *, pairs: int, width: int, acc
     per-pair layout [pairs, 2, width, ...] (zeros past each sequence's end): how a packed reference
     pass fills the same cache as an unpacked one."""
     seq = np.asarray(packed["packed_sequence"])[:, 1:]
-    same = np.asarray(packed["packed_segment_ids"])[:, 1:] == np.asarray(packed["packed_segment_ids"])[:, :-1]
-    same &= np.asarray(packed["packed_segment_ids"])[:, 1:] > 0
+    segments = np.asarray(packed["packed_segment_ids"])
+    same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+    branch = packed.get("packed_branch")
+    if branch is not None:  # a prediction only where token t + 1 attends token t
+        branch = np.asarray(branch)
+        same &= (branch[:, :-1] == 0) | (branch[:, :-1] == branch[:, 1:])
     label_pos = np.asarray(packed["packed_positions"])[:, 1:] - 1
     rows = np.arange(seq.shape[0])[:, None].repeat(seq.shape[1], 1)
     bm = pairs // accum
@@ -158,6 +228,14 @@ def unpack_topk(packed: dict, values: np.ndarray, *, pairs: int, width: int, acc
     pair = m + (s - side * bm) * accum
     out = np.zeros((pairs, 2, width) + values.shape[2:], values.dtype)
     out[pair, side, label_pos[r, t]] = values[r, t]
+    if branch is not None:
+        # Inside the shared prefix (and for the prompt's last token) the rejected sequence's
+        # predictions are the chosen one's: same tokens, same positions, same context.
+        r, t = np.nonzero((branch == 0) & (segments > 0))
+        s = np.asarray(packed["packed_sequence"])[r, t]
+        shared = np.bincount(r % accum + s * accum, minlength=pairs)
+        for p in np.nonzero(shared)[0]:
+            out[p, 1, :shared[p]] = out[p, 0, :shared[p]]
     return out
 
 

@@ -465,6 +465,7 @@ class Llama(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        branch_ids: jax.Array | None = None,
         return_hidden: bool = False,
     ) -> jax.Array:
         """Run the decoder.
@@ -475,6 +476,8 @@ class Llama(nnx.Module):
           positions: ``[B, T]`` rotary positions; default `default_positions(attention_mask)`.
           segment_ids: ``[B, T]`` int, for packed rows (`dpok_jax.data.packing`): tokens attend
             causally within their own segment only; 0 marks padding. Pass per-segment `positions`.
+          branch_ids: ``[B, T]`` int, with `segment_ids`, for prefix-shared pairs: a token attends the
+            earlier tokens of its segment in branch 0 (the shared prefix) or in its own branch.
           return_hidden: return the final-normed hidden states instead of logits.
 
         Returns:
@@ -491,6 +494,8 @@ class Llama(nnx.Module):
         else:  # [B, T, S]: causal, within a segment, never onto padding
             t = segment_ids.shape[1]
             same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+            if branch_ids is not None:
+                same &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
             mask = same & jnp.tril(jnp.ones((t, t), bool))[None]
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
 

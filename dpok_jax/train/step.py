@@ -103,18 +103,28 @@ class PairLayout:
             self.resp = batch["packed_response_mask"]
             self.positions = batch["packed_positions"]
             self.sequence = batch["packed_sequence"]
-            # A prediction counts only inside its segment (never the next segment's first token).
+            self.branch = batch.get("packed_branch")  # prefix-shared pairs (`share_prompt`)
+            # A prediction counts only inside its segment (never the next segment's first token)
+            # and, with a shared prompt, only where token t + 1 attends token t.
             same = (self.segments[:, 1:] == self.segments[:, :-1]) & (self.segments[:, 1:] > 0)
+            if self.branch is not None:
+                same &= (self.branch[:, :-1] == 0) | (self.branch[:, :-1] == self.branch[:, 1:])
             self.label_mask = self.resp[:, 1:] * same.astype(self.resp.dtype)
         else:
             self.ids, self.attn, self.resp = _pair_arrays(batch)
-            self.positions = self.segments = None
+            self.positions = self.segments = self.branch = None
             self.label_mask = self.resp[:, 1:]
         self.labels = self.ids[:, 1:]
 
     def hidden(self, fns: "ModelFns", params) -> tuple[jax.Array, jax.Array]:
         return fns.hidden(params, self.ids, self.attn, positions=self.positions,
-                          segment_ids=self.segments)
+                          segment_ids=self.segments, branch_ids=self.branch)
+
+    def sequence_tokens(self) -> jax.Array:
+        """Tokens of the batch's sequences (a shared prompt counted in both), whatever the layout."""
+        if self.branch is None:
+            return jnp.sum(self.attn)
+        return jnp.sum(self.attn) + jnp.sum(self.attn * (self.branch == 0))
 
     def sequence_sum(self, values: jax.Array) -> jax.Array:
         """Per-label-position values [rows, L-1] (already masked) -> per-sequence sums [2b]."""
@@ -166,11 +176,11 @@ class ModelFns:
         self.rest = rest
 
     def hidden(self, params: Any, ids: jax.Array, attn: jax.Array, *, positions=None,
-               segment_ids=None) -> tuple[jax.Array, jax.Array]:
+               segment_ids=None, branch_ids=None) -> tuple[jax.Array, jax.Array]:
         """Final hidden states [N, L, H] and the unembedding [H, V]."""
         model = nnx.merge(self.graphdef, params, self.rest)
-        return (model(ids, attn, positions=positions, segment_ids=segment_ids, return_hidden=True),
-                model.unembedding())
+        return (model(ids, attn, positions=positions, segment_ids=segment_ids, branch_ids=branch_ids,
+                      return_hidden=True), model.unembedding())
 
     def input_embeddings(self, params: Any) -> jax.Array:
         """Token embedding rows [V, H] (the Wasserstein ground cost's coordinates)."""
@@ -244,7 +254,7 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     return dict(
         pol_chosen=pol_seq[:b], pol_rejected=pol_seq[b:], ref_chosen=ref_seq[:b],
         ref_rejected=ref_seq[b:], embeddings=embeddings, div=div, div_mask=mask, chosen_nll=nll,
-        tokens=jnp.sum(lay.attn), extra_metrics=extra_metrics,
+        tokens=lay.sequence_tokens(), extra_metrics=extra_metrics,
     )
 
 

@@ -75,6 +75,85 @@ def test_packed_rows_hold_every_sequence_once_and_unpack_back(tmp_path, accum, o
                 assert not back[i, side, n:].any()
 
 
+@pytest.mark.parametrize("accum,offset,total", [(1, 0, 8), (2, 0, 8), (2, 8, 16)])
+def test_shared_prompt_rows_hold_each_pair_once_and_unpack_back(tmp_path, accum, offset, total):
+    """Prefix sharing: one segment per pair, the prompt (but its last token) once in branch 0, then
+    each sequence's rest in branches 1 and 2, at the positions the unpacked rows give them."""
+    cfg = _cfg(tmp_path)
+    p = run_lib.prepare(cfg, devices=jax.devices()[:1])
+    batch = next(run_lib._batcher(p.train_pairs, cfg, 8, 0))
+    b = 8
+    attn = {s: batch[f"{s}_attention_mask"].sum(1) for s in ("chosen", "rejected")}
+    prompt = attn["chosen"] - batch["chosen_response_mask"].sum(1)
+    shared = packing.shared_prefix(prompt)
+    assert (shared > 0).all()
+    units = packing.shared_pair_lengths(prompt, attn["chosen"] - prompt, attn["rejected"] - prompt)
+    np.testing.assert_array_equal(units, attn["chosen"] + attn["rejected"] - shared)
+    rows = packing.rows_needed([units], 192, accum=accum, row_multiple=accum)
+    rng = np.random.default_rng(0)
+    k = 3
+    batch["ref_topk_indices"] = rng.integers(0, 50, (b, 2, 95, k)).astype(np.int32)
+    batch["ref_topk_logps"] = rng.normal(size=(b, 2, 95, k)).astype(np.float32)
+    for key in ("ref_topk_indices", "ref_topk_logps"):  # the same context gives the same values
+        for i in range(b):
+            batch[key][i, 1, :shared[i]] = batch[key][i, 0, :shared[i]]
+    pk = packing.pack_batch(batch, rows=rows, capacity=192, pad_token_id=p.train_pairs.pad_token_id,
+                            accum=accum, pair_offset=offset, global_pairs=total, share_prompt=True)
+    assert int((pk["packed_segment_ids"] > 0).sum()) == int(units.sum())
+    gm = total // accum
+    seen = set()
+    for r in range(rows):
+        seg, seq, br = pk["packed_segment_ids"][r], pk["packed_sequence"][r], pk["packed_branch"][r]
+        for s in range(1, seg.max() + 1):
+            at = np.nonzero(seg == s)[0]
+            assert np.all(np.diff(at) == 1)
+            g = int(seq[at[0]])  # a pair's segment starts with its chosen sequence's number
+            pair = r % accum + (g - offset // accum) * accum
+            seen.add(pair)
+            for branch, side, number in ((1, "chosen", g), (2, "rejected", g + gm)):
+                mine = at[(br[at] == 0) | (br[at] == branch)]
+                ids, resp = _sequences(batch, side, pair)
+                assert pk["packed_input_ids"][r, mine].tolist() == ids
+                assert pk["packed_response_mask"][r, mine].tolist() == resp
+                assert pk["packed_positions"][r, mine].tolist() == list(range(len(ids)))
+                assert np.all(seq[at[br[at] == branch]] == number)
+            assert int((br[at] == 0).sum()) == shared[pair] and np.all(seq[at[br[at] == 0]] == g)
+    assert seen == set(range(b))
+    if offset == 0 and total == b:
+        back = packing.unpack_topk(pk, pk["packed_ref_topk_logps"], pairs=b, width=95, accum=accum)
+        for side in range(2):
+            for i in range(b):
+                n = int(attn[("chosen", "rejected")[side]][i]) - 1
+                np.testing.assert_array_equal(back[i, side, :n], batch["ref_topk_logps"][i, side, :n])
+                assert not back[i, side, n:].any()
+
+
+def test_shared_prompt_attention_sees_what_the_unpacked_sequence_sees(tmp_path):
+    """The model on prefix-shared rows gives every token the hidden state it has in its own padded
+    row (the mask and positions together), with several pairs to a row."""
+    cfg = _cfg(tmp_path)
+    p = run_lib.prepare(cfg, devices=jax.devices()[:1])
+    batch = next(run_lib._batcher(p.train_pairs, cfg, 8, 0))
+    attn = {s: batch[f"{s}_attention_mask"].sum(1) for s in ("chosen", "rejected")}
+    prompt = attn["chosen"] - batch["chosen_response_mask"].sum(1)
+    units = packing.shared_pair_lengths(prompt, attn["chosen"] - prompt, attn["rejected"] - prompt)
+    pk = packing.pack_batch(batch, rows=packing.rows_needed([units], 384), capacity=384,
+                            pad_token_id=p.train_pairs.pad_token_id, share_prompt=True)
+    assert (pk["packed_segment_ids"].max(1) > 1).any()  # some row holds several pairs
+    packed, _ = p.fns.hidden(p.init_params, pk["packed_input_ids"], pk["packed_segment_ids"] > 0,
+                             positions=pk["packed_positions"], segment_ids=pk["packed_segment_ids"],
+                             branch_ids=pk["packed_branch"])
+    packed = np.asarray(packed)
+    seg, seq, br = pk["packed_segment_ids"], pk["packed_sequence"], pk["packed_branch"]
+    for side, branch in (("chosen", 1), ("rejected", 2)):
+        ref, _ = p.fns.hidden(p.init_params, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"])
+        ref = np.asarray(ref)
+        for i in range(8):
+            r = int(np.nonzero((seq == i).any(1))[0][0])
+            at = np.nonzero((seg[r] == seg[r][seq[r] == i][0]) & ((br[r] == 0) | (br[r] == branch)))[0]
+            np.testing.assert_allclose(packed[r, at], ref[i, :len(at)], rtol=2e-4, atol=2e-5)
+
+
 def test_rows_needed_agree_across_hosts_and_round_to_few_sizes():
     lengths = [np.array([[90, 10]] * 4), np.array([[10, 10]] * 4)]
     # Host 0 needs 5 rows of 96 (one per 90, the four 10s in a fifth), host 1 one: both get 5.
