@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from dpok_jax.models import build
 from dpok_jax.train import reference as reference_lib
 from dpok_jax.train import run_folder
 from dpok_jax.train import sft as sft_lib
+from dpok_jax.train import summary as summary_lib
 from dpok_jax.train.interrupts import EXIT_STATUS, Interrupted, StopRequest
 from dpok_jax.train.loop import LoopResult, run_loop, to_global, tree_copy
 from dpok_jax.train.state import init_sharded, jit_train_step, make_optimizer, state_shardings
@@ -338,7 +338,8 @@ def _run(cfg: config_lib.Config, *, should_stop=None, devices=None,
     p = prepare(cfg, devices=devices, stop=stop)
     cfg = p.cfg = selection.resolve_auto(p)  # loss.kernel / loss.divergence "auto" (SPEC §9)
     runs: dict[str, LoopResult] = {}
-    label = _label(cfg)
+    label = summary_lib.run_label(gamma=cfg.loss.gamma, kernel=cfg.loss.kernel, alpha=cfg.loss.alpha,
+                                  divergence=cfg.loss.divergence)
     runs[label] = train_one(p, cfg, run_dir, should_stop=should_stop, stop=stop)
     if cfg.train.compare_with_dpo and not runs[label].interrupted:
         base = dpo_baseline_config(cfg)
@@ -349,48 +350,12 @@ def _run(cfg: config_lib.Config, *, should_stop=None, devices=None,
             run_folder.record_config(base, base_dir)
         runs["dpo"] = train_one(p, base, base_dir, should_stop=should_stop, stop=stop)
     interrupted = any(r.interrupted for r in runs.values())
-    summary = dict(runs[label].eval_metrics)
-    summary["run"] = label
-    summary["steps"] = runs[label].final_step
-    summary["skipped_steps"] = runs[label].skipped_steps
-    summary["interrupted"] = interrupted
-    if interrupted:
-        summary["interrupted_by"] = _signal_name(stop.signum)
-        summary["exit_status"] = EXIT_STATUS.get(stop.signum, 130)
-    summary.update({f"train/{k}": v for k, v in runs[label].last_logged.items()
-                    if k in ("loss", "rewards/margins", "rewards/accuracies")})
-    if "dpo" in runs:
-        summary["baseline/steps"] = runs["dpo"].final_step
-        summary.update({f"baseline/{k}": v for k, v in runs["dpo"].eval_metrics.items()})
-    if jax.process_index() > 0:  # every host's own view, to check that all trained the same model
-        (run_dir / f"summary.process{jax.process_index()}.json").write_text(
-            json.dumps(summary, indent=2, sort_keys=True))
+    summary = summary_lib.build_summary(
+        runs, label, interrupted_by=_signal_name(stop.signum) if interrupted else None,
+        exit_status=EXIT_STATUS.get(stop.signum, 130) if interrupted else None)
+    path = summary_lib.write_summary(run_dir, summary, jax.process_index())
     if jax.process_index() == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        print(format_table({k: r.eval_metrics for k, r in runs.items()}, p.task_names), flush=True)
-        print(f"Summary written to {run_dir / 'summary.json'}", flush=True)
+        print(summary_lib.format_table({k: r.eval_metrics for k, r in runs.items()}, p.task_names),
+              flush=True)
+        print(f"Summary written to {path}", flush=True)
     return summary
-
-
-def _label(cfg: config_lib.Config) -> str:
-    parts = ["dpo" if cfg.loss.gamma == 0 else f"{cfg.loss.kernel}+hybrid"]
-    if cfg.loss.alpha > 0:
-        parts.append(cfg.loss.divergence)
-    return "+".join(parts)
-
-
-def format_table(results: dict[str, dict], task_names) -> str:
-    """Held-out preference accuracy per task (rows) for each run (columns)."""
-    names = list(results)
-    width = max(12, *(len(n) + 2 for n in names))
-    lines = ["Held-out preference accuracy", f"{'task':<24}" + "".join(f"{n:>{width}}" for n in names)]
-    for task in list(task_names) + ["mean_over_tasks"]:
-        key = f"eval/accuracy/{task}"
-        if not any(key in r for r in results.values()):
-            continue
-        cells = "".join(f"{r.get(key, float('nan')):>{width}.3f}" for r in results.values())
-        lines.append(f"{task:<24}{cells}")
-    for key, title in (("eval/accuracy", "all pairs"), ("eval/f1", "F1 (both orders)")):
-        cells = "".join(f"{r.get(key, float('nan')):>{width}.3f}" for r in results.values())
-        lines.append(f"{title:<24}{cells}")
-    return "\n".join(lines)
