@@ -1,12 +1,14 @@
 """Train-step time of packed rows (`data.packing`) against padded rows, side by side in one process.
 
 The same pairs (several batches drawn once) go through the padded step and through packed steps with
-several row lengths (`data.pack_length`); every shape is compiled first, then the variants run
+several row lengths (`data.pack_length`), with prefix sharing (the default) and, with `--unshared`,
+without it (`data.pack_share_prompt=false`); every shape is compiled first, then the variants run
 interleaved in a shuffled order per round, so machine noise hits them alike. Prints, per variant, the
-share of computed positions that are real tokens, the median step time, and the median over rounds
+sequence tokens (a shared prompt counted in both sequences) per computed position, the median step time, and the median over rounds
 of the within-round time ratio to the padded step (with quartiles). Below 1 is faster than padded.
 
     python bench/packing_speed.py                                   # embedded default: tiny, synthetic
+    python bench/packing_speed.py --unshared --pack-lengths 0       # shared vs one segment per sequence
     python bench/packing_speed.py --pack-lengths 0 512 1024 data.source=../shared/data/hh-rlhf/harmless-base-test.jsonl.gz \\
         data.max_length=512 data.max_prompt_length=256 train.batch_size=8
 """
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     parser.add_argument("--pack-lengths", type=int, nargs="+", default=[0, 256, 512],
                         help="data.pack_length values to time (0: the batch's bucket)")
+    parser.add_argument("--unshared", action="store_true",
+                        help="also time packed rows without prefix sharing (data.pack_share_prompt=false)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with run_lib.host_blas_single_threaded():  # as `dpok train` runs its steps
@@ -51,11 +55,13 @@ def _bench(args: argparse.Namespace) -> None:
     kernel_params = run_lib.fit_kernel(p, spec)
     state, step = run_lib.compile_train_step(p, spec, kernel_params, tx)
     variants: dict[str, list] = {}
-    for pack_length in [None, *args.pack_lengths]:
-        name = "padded" if pack_length is None else f"packed (pack_length={pack_length})"
+    shares = (True, False) if args.unshared else (True,)
+    for pack_length, share in [(None, None)] + [(n, s) for n in args.pack_lengths for s in shares]:
+        name = "padded" if pack_length is None else \
+            f"packed{'' if share else ' unshared'} (pack_length={pack_length})"
         c = cfg if pack_length is None else load_config(
             None, BASE + ["run_dir=/tmp/dpok_bench_packing", *args.overrides, "data.packing=true",
-                          f"data.pack_length={pack_length}"])
+                          f"data.pack_length={pack_length}", f"data.pack_share_prompt={share}"])
         batcher = run_lib._batcher(p.train_pairs, c, c.train.batch_size, c.train.seed,
                                    packing=pack_length is not None, accum=c.optim.grad_accum)
         variants[name] = [packing.apply_packing(next(batcher)) for _ in range(args.batches)]
@@ -63,7 +69,11 @@ def _bench(args: argparse.Namespace) -> None:
     for name, batches in variants.items():
         ids = [b.get("packed_input_ids", b.get("chosen_input_ids")) for b in batches]
         computed = sum(x.size for x in ids) * (1 if "packed_input_ids" in batches[0] else 2)
-        real = sum(int((b["packed_segment_ids"] > 0).sum()) if "packed_input_ids" in b else
+        # Tokens of the pairs' sequences (a shared prompt counts in both) over computed positions:
+        # above 1 where prefix sharing computes a prompt once for two sequences.
+        real = sum(int((b["packed_segment_ids"] > 0).sum() +
+                       ((b["packed_segment_ids"] > 0) & (b.get("packed_branch", 1) == 0)).sum())
+                   if "packed_input_ids" in b else
                    int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
                    for b in batches)
         stats[name] = dict(fill=real / computed, shapes=sorted({x.shape for x in ids}))
@@ -80,7 +90,7 @@ def _bench(args: argparse.Namespace) -> None:
             state, _ = jax.block_until_ready(step(state, p.init_params, batch))
             times[name].append(time.perf_counter() - t0)
     base = times["padded"]
-    print(f"{'variant':34s} {'real/computed':>13s} {'median step':>12s} {'ratio to padded (q1-q3)':>26s}  shapes")
+    print(f"{'variant':34s} {'seq tokens/computed':>13s} {'median step':>12s} {'ratio to padded (q1-q3)':>26s}  shapes")
     for name in variants:
         ratios = sorted(t / b for t, b in zip(times[name], base))
         q = statistics.quantiles(ratios, n=4)

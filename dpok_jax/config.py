@@ -71,6 +71,10 @@ class DataSection:
     # Packed row length: the smallest bucket >= max(the batch's longest sequence, pack_length); 0 uses
     # the batch's bucket. Longer rows hold more sequences (less padding) at a longer attention span.
     pack_length: int = 0
+    # Prefix sharing in packed rows: a pair's prompt is computed once and both responses branch off
+    # it (attention masked per branch), so a pair costs n_x + n_y+ + n_y- + 1 positions, not 2 n_x +
+    # n_y+ + n_y-. The same results; the row length then holds the batch's longest pair.
+    pack_share_prompt: bool = True
 
 
 @dataclass(frozen=True)

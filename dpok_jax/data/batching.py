@@ -215,15 +215,16 @@ class PreferenceBatcher:
 
 def make_batcher(pairs: TokenizedPairs, *, batch_size: int, seed: int,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, batch_ways: int = 1, packing: bool = False,
-                 accum: int = 1, pack_length: int = 0, process_index: int | None = None,
-                 process_count: int | None = None) -> PreferenceBatcher:
+                 accum: int = 1, pack_length: int = 0, pack_share_prompt: bool = True,
+                 process_index: int | None = None, process_count: int | None = None) -> PreferenceBatcher:
     """This host's `PreferenceBatcher` for a run: `batch_size` rows per global batch, this process's
     slice of it (JAX's process index and count unless given).
 
     With `packing`, batches are planned for packed rows (apply `packing.apply_packing` after attaching
     any cached reference values): each host's row count is a multiple of its batch devices
     (`batch_ways`, the mesh's data x fsdp, over the processes) and rows are packed per
-    gradient-accumulation micro-batch (`accum`).
+    gradient-accumulation micro-batch (`accum`), a pair's prompt shared by its two responses unless
+    `pack_share_prompt` is false.
 
     >>> import datasets
     >>> from dpok_jax.data import ByteTokenizer, tokenize_pairs
@@ -240,4 +241,4 @@ def make_batcher(pairs: TokenizedPairs, *, batch_size: int, seed: int,
         pairs, global_batch_size=batch_size, seed=seed, buckets=buckets,
         process_index=process_index, process_count=process_count, packing=packing,
         pack_row_multiple=max(1, batch_ways // process_count), pack_accum=accum,
-        pack_length=pack_length)
+        pack_length=pack_length, pack_share_prompt=pack_share_prompt)

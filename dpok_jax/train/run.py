@@ -128,7 +128,8 @@ def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int, *, packi
     """`data.make_batcher` with the config's buckets, batch devices and packing length."""
     return data_lib.make_batcher(pairs, batch_size=batch_size, seed=seed, buckets=cfg.data.buckets,
                                  batch_ways=cfg.mesh.data * cfg.mesh.fsdp, packing=packing,
-                                 accum=accum, pack_length=cfg.data.pack_length)
+                                 accum=accum, pack_length=cfg.data.pack_length,
+                                 pack_share_prompt=cfg.data.pack_share_prompt)
 
 
 def fit_kernel(p: Prepared, spec: StepSpec, stop: StopRequest | None = None) -> dict | None:

@@ -194,13 +194,17 @@ def _loss_and_grads(p, cfg, batch_np, perturb=0.02):
     ("loss.gamma=0.1", "loss.kernel=rbf", "loss.embeddings=reference", "loss.logp_reduction=mean",
      "loss.alpha=0.1", "loss.divergence=wasserstein", "loss.wasserstein.top_k=4"),
 ], ids=["hmk-kl-sft", "rbf-wasserstein-mean"])
-def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra):
-    cfg = _cfg(tmp_path, *extra, "data.packing=true")
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "unshared"])
+def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra, share):
+    cfg = _cfg(tmp_path, *extra, "data.packing=true", f"data.pack_share_prompt={share}")
     p = run_lib.prepare(cfg, devices=jax.devices()[:1])
     planned = next(run_lib._batcher(p.train_pairs, cfg, 8, 0, packing=True))
     padded = {k: v for k, v in planned.items() if k != "_pack"}
     packed = packing.apply_packing(planned)
-    assert packed["packed_input_ids"].size < 2 * padded["chosen_input_ids"].size
+    assert ("packed_branch" in packed) == share  # the setting reaches the layout
+    positions = int((packed["packed_segment_ids"] > 0).sum())
+    tokens = int(padded["chosen_attention_mask"].sum() + padded["rejected_attention_mask"].sum())
+    assert positions < tokens if share else positions == tokens
     loss_a, met_a, grad_a = _loss_and_grads(p, cfg, padded)
     loss_b, met_b, grad_b = _loss_and_grads(p, cfg, packed)
     assert np.isfinite(loss_a) and loss_a > 0
