@@ -25,5 +25,7 @@ def test_local_multiprocess_propagates_the_first_failure_from_any_directory(tmp_
                          timeout=300)
     assert out.returncode == 2, out.stderr
     assert "failed (exit 2)" in out.stderr
-    for i in range(2):
-        assert "loss.kernel" in (tmp_path / "runs" / f"mp.process{i}.log").read_text()
+    # The first process to fail has written its error; the other may have been stopped before it
+    # wrote anything (the script kills the rest on the first failure).
+    logs = [(tmp_path / "runs" / f"mp.process{i}.log").read_text() for i in range(2)]
+    assert any("loss.kernel" in log for log in logs), logs
