@@ -234,7 +234,8 @@ def abstract_batch(cfg, spec, hidden_size: int, mesh) -> dict:
 
 
 def _kernel_params(spec, hidden_size: int):
-    """Kernel parameters of the right shapes (fitted on random unit vectors: the step closes over them)."""
+    """Kernel parameters of the right shapes (fitted on random vectors: the step takes their arrays
+    as an argument, so their values do not change the program)."""
     if not spec.uses_kernel:
         return None
     import numpy as np
@@ -279,7 +280,7 @@ def abstract_train_step(cfg, devices=None):
     from dpok_jax.models import Llama
     from dpok_jax.train.run import step_spec
     from dpok_jax.train.state import init_train_state, jit_train_step, make_optimizer, state_shardings
-    from dpok_jax.train.step import ModelFns, make_train_step
+    from dpok_jax.train.step import ModelFns, make_train_step, split_kernel_params
 
     mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor, devices=devices)
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -307,8 +308,9 @@ def abstract_train_step(cfg, devices=None):
     state = _abstract(jax.eval_shape(lambda p: init_train_state(p, tx, cfg.train.seed), train_params), shardings)
     ref = _abstract(params, policy_shardings)
     batch = abstract_batch(cfg, spec, mcfg.hidden_size, mesh)
-    step = jit_train_step(make_train_step(fns, spec, _kernel_params(spec, mcfg.hidden_size), tx), mesh,
-                          shardings, policy_shardings, sharding.batch_sharding(mesh))
+    kernel_params = _kernel_params(spec, mcfg.hidden_size)
+    step = jit_train_step(make_train_step(fns, spec, kernel_params, tx), mesh, shardings, policy_shardings,
+                          sharding.batch_sharding(mesh), kernel_arrays=split_kernel_params(kernel_params)[0])
     held = 0
     if spec.reference == "precomputed":
         # The loop keeps the frozen reference's parameters on the devices; the step never reads them.

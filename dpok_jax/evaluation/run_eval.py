@@ -56,7 +56,8 @@ def evaluate_run(run_dir: epath.PathLike, *, data: str | None = None, step: int 
     from dpok_jax.host_device import to_global
     from dpok_jax.host_device import to_host as _fetch
     from dpok_jax.train.run import fit_kernel, host_blas_single_threaded, prepare, step_spec
-    from dpok_jax.train.step import make_eval_step, response_embeddings
+    from dpok_jax.train.state import BoundStep
+    from dpok_jax.train.step import make_eval_step, response_embeddings, split_kernel_params
 
     run_dir = epath.Path(run_dir)
     config_file = run_dir / "config.yaml"
@@ -77,7 +78,10 @@ def evaluate_run(run_dir: epath.PathLike, *, data: str | None = None, step: int 
         policy = jax.device_put(policy, p.param_shardings)
         spec = dataclasses.replace(step_spec(cfg), reference="live", alpha=0.0)
         kernel_params = fit_kernel(p, spec)
-        eval_step = jax.jit(make_eval_step(p.fns, spec, kernel_params))
+        # The fitted arrays as an argument: evaluating another seed's run reuses the compiled step.
+        kernel_arrays = split_kernel_params(kernel_params)[0]
+        eval_step = BoundStep(jax.jit(make_eval_step(p.fns, spec, kernel_params)),
+                              *(() if kernel_arrays is None else (kernel_arrays,)))
 
         embed = jax.jit(lambda params, batch: response_embeddings(p.fns, params, batch))
 

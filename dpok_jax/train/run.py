@@ -32,8 +32,10 @@ from dpok_jax.train import sft as sft_lib
 from dpok_jax.train import summary as summary_lib
 from dpok_jax.train.interrupts import EXIT_STATUS, Interrupted, StopRequest
 from dpok_jax.train.loop import LoopResult, run_loop, to_global, tree_copy
-from dpok_jax.train.state import init_sharded, jit_train_step, make_optimizer, state_shardings
-from dpok_jax.train.step import ModelFns, StepSpec, make_eval_step, make_train_step
+from dpok_jax.train.state import (BoundStep, init_sharded, jit_train_step, make_optimizer,
+                                  replicated_args, state_shardings)
+from dpok_jax.train.step import (ModelFns, StepSpec, make_eval_step, make_train_step,
+                                 split_kernel_params)
 
 
 @dataclasses.dataclass
@@ -205,10 +207,12 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: epath.PathLike, *, s
     cache = None
     if spec.reference == "precomputed":
         cache = _reference_cache(p, spec, ref_params, run_dir, "train", stop)
-    eval_step = jax.jit(make_eval_step(p.fns, spec, kernel_params),
-                        in_shardings=(jax.tree.map(lambda x: x.sharding, state.params),
-                                      p.param_shardings, p.batch_sharding),
-                        out_shardings=p.batch_sharding)
+    # The fitted kernel arrays are an argument (replicated), not constants: see `compile_train_step`.
+    kernel_args, kernel_shardings = replicated_args(p.mesh, split_kernel_params(kernel_params)[0])
+    eval_step = BoundStep(jax.jit(make_eval_step(p.fns, spec, kernel_params),
+                                  in_shardings=(jax.tree.map(lambda x: x.sharding, state.params),
+                                                p.param_shardings, p.batch_sharding, *kernel_shardings),
+                                  out_shardings=p.batch_sharding), *kernel_args)
     packing = cfg.data.packing
     batcher = _batcher(p.train_pairs, cfg, cfg.train.batch_size, cfg.train.seed, packing=packing,
                        accum=cfg.optim.grad_accum)
@@ -245,13 +249,16 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: epath.PathLike, *, s
 
 def compile_train_step(p: Prepared, spec: StepSpec, kernel_params, tx, kernel_init=None):
     """The initial state, born sharded on the mesh, and the train step jitted with explicit in/out
-    shardings (the same before and after a step, so it never retraces) and a donated state."""
+    shardings (the same before and after a step, so it never retraces) and a donated state. The
+    fitted kernel arrays are the step's (bound, replicated) last argument, so runs that differ only
+    in them (another seed) compile the same program and hit JAX's compilation cache."""
     params = {"policy": tree_copy(p.init_params),
               "kernel": jax.tree.map(np.asarray, kernel_init or {})}
     shardings = _state_shardings(params, p, tx)
     state = init_sharded(params, tx, p.cfg.train.seed, shardings)
     train_step = jit_train_step(make_train_step(p.fns, spec, kernel_params, tx), p.mesh, shardings,
-                                p.param_shardings, p.batch_sharding)
+                                p.param_shardings, p.batch_sharding,
+                                kernel_arrays=split_kernel_params(kernel_params)[0])
     return state, train_step
 
 

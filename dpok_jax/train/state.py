@@ -109,15 +109,46 @@ def init_sharded(params: dict, tx: optax.GradientTransformation, seed: int, shar
     return jax.jit(lambda prm: init_train_state(prm, tx, seed), out_shardings=shardings)(params)
 
 
+class BoundStep:
+    """A jitted step with its last arguments bound (the fitted kernel arrays, already on the
+    devices): called and lowered like the step without them, e.g. ``step(state, ref_params,
+    batch)`` and ``step.lower(state, ref_params, batch)``. The bound values are arguments of the
+    compiled program, not constants in it: any values of the same shapes share one executable."""
+
+    def __init__(self, jitted: Callable, *bound: Any):
+        self.jitted = jitted
+        self.bound = bound
+
+    def __call__(self, *args):
+        return self.jitted(*args, *self.bound)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, *self.bound)
+
+
+def replicated_args(mesh: Mesh, kernel_arrays: Any) -> tuple[tuple, tuple]:
+    """``((kernel_arrays on every device of mesh,), (their shardings,))``; ``((), ())`` for None
+    (no kernel: the step keeps its three arguments)."""
+    if kernel_arrays is None:
+        return (), ()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda _: replicated, kernel_arrays)
+    return (jax.device_put(kernel_arrays, shardings),), (shardings,)
+
+
 def jit_train_step(step_fn: Callable, mesh: Mesh, shardings: TrainState, ref_shardings: Any,
-                   batch_sharding: NamedSharding) -> Callable:
-    """``step_fn(state, ref_params, batch) -> (state, metrics)`` jitted on ``mesh``: explicit in/out
-    shardings (the same before and after a step, so it never retraces), the state donated, and
-    the model's activation constraints (`dpok_jax.sharding.constrain`) active while tracing."""
+                   batch_sharding: NamedSharding, kernel_arrays: Any = None) -> BoundStep:
+    """``step_fn(state, ref_params, batch[, kernel_arrays]) -> (state, metrics)`` jitted on
+    ``mesh``: explicit in/out shardings (the same before and after a step, so it never retraces),
+    the state donated, and the model's activation constraints (`dpok_jax.sharding.constrain`)
+    active while tracing. ``kernel_arrays`` (`step.split_kernel_params`), replicated, are bound as
+    the step's last argument: steps that differ only in fitted values compile to one program."""
+    bound, bound_shardings = replicated_args(mesh, kernel_arrays)
 
-    def traced(state, ref_params, batch):
+    def traced(state, ref_params, batch, *kernel):
         with sharding_lib.activation_mesh(mesh):
-            return step_fn(state, ref_params, batch)
+            return step_fn(state, ref_params, batch, *kernel)
 
-    return jax.jit(traced, in_shardings=(shardings, ref_shardings, batch_sharding),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
+    jitted = jax.jit(traced, in_shardings=(shardings, ref_shardings, batch_sharding, *bound_shardings),
+                     out_shardings=(shardings, None), donate_argnums=(0,))
+    return BoundStep(jitted, *bound)

@@ -4,6 +4,12 @@ Everything here is a function of arrays plus a frozen, hashable `StepSpec` of hy
 is closed over (never the config object). The model enters through its NNX graphdef: parameters are
 merged into it inside the traced function (`nnx.merge`), so the jitted functions are pure.
 
+The fitted kernel parameters (`losses.fit_kernel_params`) are split by `split_kernel_params`: their
+arrays (σ, Σ's Cholesky factor, the spectral frequencies...) are the steps' last argument
+(`kernel_arrays`), so two runs that differ only in fitted values (another seed) compile one program
+and share JAX's compilation cache; only their Python numbers (the polynomial degree, c, ρ) are
+compile-time constants.
+
 Batch layout (from `dpok_jax.data.PreferenceBatcher`): `{chosen,rejected}_{input_ids,attention_mask,
 response_mask}` [b, L] int32, `task_id` [b], `valid` [b]; in precomputed-reference mode also
 `ref_chosen_logps`, `ref_rejected_logps` [b], `ref_embedding_{prompt,chosen,rejected}` [b, H] and,
@@ -18,6 +24,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -258,16 +265,62 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
     )
 
 
-def make_loss_fn(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) -> Callable:
-    """`loss_fn(trainable, ref_params, batch) -> (loss, metrics)`: the objective of SPEC §8."""
+def _is_array(x) -> bool:
+    return isinstance(x, (np.ndarray, np.generic, jax.Array))
 
-    def loss_fn(trainable, ref_params, batch):
+
+def split_kernel_params(kernel_params: dict | None) -> tuple[dict | None, dict | None]:
+    """``(arrays, static)``: the fitted values of a ``kernel_params`` dict (NumPy/JAX arrays and
+    scalars, which differ from fit to fit: the jitted steps take them as an argument) and the rest
+    (Python numbers such as the polynomial ``degree``, hyperparameters that shape the program).
+
+    Example:
+      >>> split_kernel_params({"rbf": {"sigma": np.float32(0.5)}, "polynomial": {"c": 2.0, "degree": 2}})
+      ({'rbf': {'sigma': np.float32(0.5)}, 'polynomial': {}}, {'rbf': {}, 'polynomial': {'c': 2.0, 'degree': 2}})
+    """
+    if kernel_params is None:
+        return None, None
+    arrays, static = {}, {}
+    for name, value in kernel_params.items():
+        if isinstance(value, dict):
+            arrays[name], static[name] = split_kernel_params(value)
+        elif _is_array(value):
+            arrays[name] = value
+        else:
+            static[name] = value
+    return arrays, static
+
+
+def merge_kernel_params(arrays: dict | None, static: dict | None) -> dict | None:
+    """The inverse of `split_kernel_params`."""
+    if static is None:
+        return None
+    out = dict(static)
+    for name, value in (arrays or {}).items():
+        out[name] = merge_kernel_params(value, static.get(name, {})) if isinstance(value, dict) else value
+    return out
+
+
+def _kernel_resolver(kernel_params: dict | None) -> Callable:
+    """``kernel_arrays -> kernel_params``: the fitted arrays given to a step (None: the ones of
+    ``kernel_params``, compiled in as constants) joined with ``kernel_params``' static numbers."""
+    default, static = split_kernel_params(kernel_params)
+    return lambda arrays: merge_kernel_params(default if arrays is None else arrays, static)
+
+
+def make_loss_fn(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) -> Callable:
+    """`loss_fn(trainable, ref_params, batch, kernel_arrays=None) -> (loss, metrics)`: the objective
+    of SPEC §8. ``kernel_params`` fixes the kernel's structure and static numbers; ``kernel_arrays``
+    (`split_kernel_params`) its fitted values, by default those of ``kernel_params``."""
+    resolve = _kernel_resolver(kernel_params)
+
+    def loss_fn(trainable, ref_params, batch, kernel_arrays=None):
         out = _forward_pairs(fns, spec, trainable, ref_params, batch)
         kernel_kwargs = {}
         if spec.uses_kernel:
             kernel_kwargs = dict(
                 gamma=spec.gamma, kernel=spec.kernel, embeddings=out["embeddings"],
-                kernel_params=kernel_params, eta=spec.eta,
+                kernel_params=resolve(kernel_arrays), eta=spec.eta,
                 hmk_params=trainable["kernel"] if spec.kernel == "hmk" else None,
                 mixture_params=trainable["kernel"] if spec.kernel == "mixture" else None,
             )
@@ -292,11 +345,11 @@ def make_loss_fn(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) -> C
     return loss_fn
 
 
-def _accumulated_grads(loss_fn: Callable, params, ref_params, batch, accum: int):
+def _accumulated_grads(loss_fn: Callable, params, ref_params, batch, accum: int, kernel_arrays=None):
     """Mean loss, metrics and gradients over `accum` micro-batches (lax.scan, one compiled body)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (loss, metrics), grads = grad_fn(params, ref_params, batch)
+        (loss, metrics), grads = grad_fn(params, ref_params, batch, kernel_arrays)
         return loss, metrics, grads
 
     def split(x):
@@ -306,11 +359,12 @@ def _accumulated_grads(loss_fn: Callable, params, ref_params, batch, accum: int)
     micro = jax.tree.map(split, batch)
 
     def body(carry, mb):
-        (loss, metrics), grads = grad_fn(params, ref_params, mb)
+        (loss, metrics), grads = grad_fn(params, ref_params, mb, kernel_arrays)
         acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
         return acc, None
 
-    shapes = jax.eval_shape(grad_fn, params, ref_params, jax.tree.map(lambda x: x[0], micro))
+    shapes = jax.eval_shape(grad_fn, params, ref_params, jax.tree.map(lambda x: x[0], micro),
+                            kernel_arrays)
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
     (loss, metrics, grads), _ = jax.lax.scan(body, zero, micro)
     scale = 1.0 / accum
@@ -318,12 +372,13 @@ def _accumulated_grads(loss_fn: Callable, params, ref_params, batch, accum: int)
 
 
 def make_train_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None, tx) -> Callable:
-    """`train_step(state, ref_params, batch) -> (state, metrics)`; jit it with shardings."""
+    """`train_step(state, ref_params, batch, kernel_arrays=None) -> (state, metrics)`; jit it with
+    shardings (`state.jit_train_step`, which passes the fitted ``kernel_arrays`` as an argument)."""
     loss_fn = make_loss_fn(fns, spec, kernel_params)
 
-    def train_step(state: TrainState, ref_params, batch):
+    def train_step(state: TrainState, ref_params, batch, kernel_arrays=None):
         loss, metrics, grads = _accumulated_grads(loss_fn, state.params, ref_params, batch,
-                                                  spec.grad_accum)
+                                                  spec.grad_accum, kernel_arrays)
         finite = jnp.isfinite(loss)
         # A non-finite loss with finite gradients must still be skipped: poison the gradients so
         # optax.apply_if_finite drops the update and counts it.
@@ -339,9 +394,11 @@ def make_train_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None, t
 
 
 def make_eval_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) -> Callable:
-    """`eval_step(params, ref_params, batch) -> per-pair dict` of reward margin, score and margin h."""
+    """`eval_step(params, ref_params, batch, kernel_arrays=None) -> per-pair dict` of reward margin,
+    score and margin h (``kernel_arrays`` as in `make_loss_fn`)."""
+    resolve = _kernel_resolver(kernel_params)
 
-    def eval_step(params, ref_params, batch):
+    def eval_step(params, ref_params, batch, kernel_arrays=None):
         out = _forward_pairs(fns, spec, params, ref_params, batch)
         reward_params = dict(spec.reward_params)
         r_pos = losses.implicit_reward(spec.reward, out["pol_chosen"], out["ref_chosen"],
@@ -353,7 +410,7 @@ def make_eval_step(fns: ModelFns, spec: StepSpec, kernel_params: dict | None) ->
         if spec.uses_kernel:
             e_x, e_pos, e_neg = out["embeddings"]
             score = losses.embedding_score(
-                spec.kernel, e_x, e_pos, e_neg, kernel_params=kernel_params,
+                spec.kernel, e_x, e_pos, e_neg, kernel_params=resolve(kernel_arrays),
                 hmk_params=params["kernel"] if spec.kernel == "hmk" else None,
                 mixture_params=params["kernel"] if spec.kernel == "mixture" else None,
             )

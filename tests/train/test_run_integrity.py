@@ -166,8 +166,8 @@ def test_nonfinite_parameters_are_never_checkpointed_and_export_refuses_them(tmp
     def poisoning(*args):
         step = real(*args)
 
-        def wrapped(state, ref, batch):
-            state, metrics = step(state, ref, batch)
+        def wrapped(state, ref, batch, *kernel_arrays):
+            state, metrics = step(state, ref, batch, *kernel_arrays)
             # From step 3 on, the parameters turn to NaN (as an infinite learning rate would make them).
             bad = state.step >= 3
             params = jax.tree.map(lambda x: jnp.where(bad, x * jnp.nan, x), state.params)
