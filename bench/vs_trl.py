@@ -17,7 +17,8 @@ What a step is, on each side (host work of a step counted on both):
   the pairs' ids, then what `transformers.Trainer`'s inner loop does per optimizer step:
   `trainer.training_step` (DPOTrainer.compute_loss, forward + backward, reference forward),
   gradient clipping (max_grad_norm 1.0), `optimizer.step()`, `lr_scheduler.step()`, `zero_grad`.
-- ours: the batch's packing (with `--packing`, `data.packing=true`) and its transfer to the device,
+- ours: the batch's packing (`data.packing`, the default: prefix-shared packed rows; `--padded` for
+  padded rows) and its transfer to the device,
   then the jitted, donated train step as `dpok train` runs it (`run.compile_train_step`), host
   BLAS limited to one thread as in `dpok train` (`run.host_blas_single_threaded`; torch's own
   thread pool is not affected by it, which the script checks).
@@ -31,7 +32,7 @@ float32 matmul peak measured here (the best of JAX and torch).
 
     python bench/vs_trl.py                                  # all four cases (small shape: 20 rounds)
     python bench/vs_trl.py --dataset synthetic --shape small --rounds 30
-    python bench/vs_trl.py --packing                        # ours with data.packing=true
+    python bench/vs_trl.py --padded                         # ours with data.packing=false
     python bench/vs_trl.py --dataset hh --shape smollm2 --rounds 3
 
 Needs the `bench` extra (`pip install -e ".[bench]"`: trl, torch, accelerate). HH-RLHF pairs are
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--smollm2-rounds", type=int, default=3, help="timed rounds, SmolLM2 shape")
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per batch (default: 8; "
                         "4 for HH at the SmolLM2 shape)")
-    parser.add_argument("--packing", action="store_true", help="ours with data.packing=true")
+    parser.add_argument("--padded", action="store_true",
+                        help="ours with data.packing=false (padded rows; packed rows are the default)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses every core)")
     parser.add_argument("--hh-path", default=str(HH_DEFAULT))
     parser.add_argument("--learning-rate", type=float, default=1e-4)
@@ -175,8 +177,8 @@ def bench_case(dataset: str, shape: str, rounds: int, args, peak: dict) -> dict:
             f"train.batch_size={pairs_per_batch}", *DATASETS[dataset]]
     if dataset == "hh":
         base.append(f"data.source={args.hh_path}")
-    if args.packing:
-        base.append("data.packing=true")  # an unknown-key error here means packing is not built yet
+    if args.padded:
+        base.append("data.packing=false")
     cfg = load_config(None, base + list(args.overrides))
     packing = bool(getattr(cfg.data, "packing", False))
     print(f"\n== {dataset} pairs, {shape} shape: {pairs_per_batch} pairs per batch, max length "
@@ -189,7 +191,7 @@ def bench_case(dataset: str, shape: str, rounds: int, args, peak: dict) -> dict:
     n_batches = rounds + 1  # batch 0: the loss check and warm-up
     batcher = data_lib.PreferenceBatcher(
         train_pairs, global_batch_size=pairs_per_batch, seed=cfg.train.seed, buckets=cfg.data.buckets,
-        **({"packing": True} if packing else {}))
+        packing=packing, pack_share_prompt=cfg.data.pack_share_prompt)
     batches = [next(batcher) for _ in range(n_batches)]
     examples = [_examples(train_pairs, b) for b in batches]
     useful = [sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex)

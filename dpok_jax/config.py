@@ -67,7 +67,7 @@ class DataSection:
     eval_fraction: float = 0.05
     # Padding-free packed pairs (dpok_jax.data.packing) in the DPO-Kernels step, the reference pass
     # and evaluation: the same results without computing on padding. The SFT warm-up stays padded.
-    packing: bool = False
+    packing: bool = True
     # Packed row length: the smallest bucket >= max(the batch's longest sequence, pack_length); 0 uses
     # the batch's bucket. Longer rows hold more sequences (less padding) at a longer attention span.
     pack_length: int = 0
