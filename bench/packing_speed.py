@@ -63,7 +63,7 @@ def _bench(args: argparse.Namespace) -> None:
             None, BASE + ["run_dir=/tmp/dpok_bench_packing", *args.overrides, "data.packing=true",
                           f"data.pack_length={pack_length}", f"data.pack_share_prompt={share}"])
         batcher = run_lib._batcher(p.train_pairs, c, c.train.batch_size, c.train.seed,
-                                   packing=pack_length is not None, accum=c.optim.grad_accum)
+                                   packing=pack_length is not None, accum=c.optim.grad_accum, mesh=p.mesh)
         variants[name] = [packing.apply_packing(next(batcher)) for _ in range(args.batches)]
     stats = {}
     for name, batches in variants.items():

@@ -89,7 +89,7 @@ def evaluate_run(run_dir: epath.PathLike, *, data: str | None = None, step: int 
         cols: dict[str, list] = {}
         batcher = data_lib.make_batcher(eval_pairs, batch_size=cfg.train.batch_size,
                                         seed=cfg.train.seed, buckets=cfg.data.buckets,
-                                        batch_ways=cfg.mesh.data * cfg.mesh.fsdp,
+                                        batch_ways=p.mesh.shape["data"] * p.mesh.shape["fsdp"],
                                         pack_length=cfg.data.pack_length)
         for batch in batcher.iterate_once():
             g = to_global(batch, p.batch_sharding)

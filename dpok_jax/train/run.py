@@ -120,16 +120,20 @@ def prepare(cfg: config_lib.Config, *, devices=None, stop: StopRequest | None = 
         prepared.init_params = sft_lib.sft_warmup(
             cfg=cfg, fns=fns, init_params=params, param_shardings=shardings,
             batch_sharding=prepared.batch_sharding,
-            batcher=_batcher(train_pairs, cfg, cfg.sft.batch_size, cfg.train.seed + 1),
+            batcher=_batcher(train_pairs, cfg, cfg.sft.batch_size, cfg.train.seed + 1, mesh=mesh),
             run_dir=run_dir, stop=stop if stop is not None else StopRequest())
     return prepared
 
 
 def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int, *, packing: bool = False,
-             accum: int = 1):
-    """`data.make_batcher` with the config's buckets, batch devices and packing length."""
+             accum: int = 1, mesh=None):
+    """`data.make_batcher` with the config's buckets and packing settings, and the batch devices
+    (data x fsdp) of `mesh` (default: the config's mesh over all devices, its -1 axis resolved):
+    packed rows must divide over them."""
+    if mesh is None:
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     return data_lib.make_batcher(pairs, batch_size=batch_size, seed=seed, buckets=cfg.data.buckets,
-                                 batch_ways=cfg.mesh.data * cfg.mesh.fsdp, packing=packing,
+                                 batch_ways=mesh.shape["data"] * mesh.shape["fsdp"], packing=packing,
                                  accum=accum, pack_length=cfg.data.pack_length,
                                  pack_share_prompt=cfg.data.pack_share_prompt)
 
@@ -149,7 +153,7 @@ def _one_pass(p: Prepared, pairs):
     """Every pair once, in order, the last batch padded (evaluation, reference pass, fitting);
     packed when `data.packing` is on."""
     batches = _batcher(pairs, p.cfg, p.cfg.train.batch_size, p.cfg.train.seed,
-                       packing=p.cfg.data.packing).iterate_once()
+                       packing=p.cfg.data.packing, mesh=p.mesh).iterate_once()
     return map(packing_lib.apply_packing, batches)
 
 
@@ -215,8 +219,9 @@ def train_one(p: Prepared, cfg: config_lib.Config, run_dir: epath.PathLike, *, s
                                   out_shardings=p.batch_sharding), *kernel_args)
     packing = cfg.data.packing
     batcher = _batcher(p.train_pairs, cfg, cfg.train.batch_size, cfg.train.seed, packing=packing,
-                       accum=cfg.optim.grad_accum)
-    eval_batcher = _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed, packing=packing)
+                       accum=cfg.optim.grad_accum, mesh=p.mesh)
+    eval_batcher = _batcher(p.eval_pairs, cfg, cfg.train.batch_size, cfg.train.seed, packing=packing,
+                            mesh=p.mesh)
     if cache is not None:
         batcher = cache.attach(batcher)
         eval_cache = _reference_cache(p, spec, ref_params, run_dir, "eval", stop)

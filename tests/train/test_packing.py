@@ -198,7 +198,7 @@ def _loss_and_grads(p, cfg, batch_np, perturb=0.02):
 def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra, share):
     cfg = _cfg(tmp_path, *extra, "data.packing=true", f"data.pack_share_prompt={share}")
     p = run_lib.prepare(cfg, devices=jax.devices()[:1])
-    planned = next(run_lib._batcher(p.train_pairs, cfg, 8, 0, packing=True))
+    planned = next(run_lib._batcher(p.train_pairs, cfg, 8, 0, packing=True, mesh=p.mesh))
     padded = {k: v for k, v in planned.items() if k != "_pack"}
     packed = packing.apply_packing(planned)
     assert ("packed_branch" in packed) == share  # the setting reaches the layout
@@ -253,3 +253,16 @@ def test_packed_run_equals_padded_run_with_precomputed_reference(tmp_path, devic
         else:
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=key)
     assert s1["eval/accuracy"] == s0["eval/accuracy"]
+
+
+def test_packed_rows_divide_over_the_resolved_mesh(tmp_path):
+    """The default mesh's fsdp=-1 fills all 8 devices: packed rows must be a multiple of 8 (the
+    config's -1 taken literally gave 6 rows, which the batch sharding rejected)."""
+    cfg = _cfg(tmp_path)
+    assert cfg.mesh.fsdp == -1 and len(jax.devices()) == 8
+    p = run_lib.prepare(cfg)
+    for mesh in (None, p.mesh):
+        planned = next(run_lib._batcher(p.train_pairs, cfg, 8, 0, packing=True, mesh=mesh))
+        assert planned["_pack"]["rows"] % 8 == 0
+        packed = packing.apply_packing(planned)
+        to_global(packed, p.batch_sharding)  # the sharding takes it
