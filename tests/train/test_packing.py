@@ -194,7 +194,8 @@ def _loss_and_grads(p, cfg, batch_np, perturb=0.02):
     ("loss.gamma=0.1", "loss.kernel=rbf", "loss.embeddings=reference", "loss.logp_reduction=mean",
      "loss.alpha=0.1", "loss.divergence=wasserstein", "loss.wasserstein.top_k=4"),
 ], ids=["hmk-kl-sft", "rbf-wasserstein-mean"])
-@pytest.mark.parametrize("share", [True, False], ids=["shared", "unshared"])
+@pytest.mark.parametrize("share", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["shared", "unshared"])  # unshared: slow (CI time); the layout test covers it
 def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra, share):
     cfg = _cfg(tmp_path, *extra, "data.packing=true", f"data.pack_share_prompt={share}")
     p = run_lib.prepare(cfg, devices=jax.devices()[:1])
@@ -266,3 +267,9 @@ def test_packed_rows_divide_over_the_resolved_mesh(tmp_path):
         assert planned["_pack"]["rows"] % 8 == 0
         packed = packing.apply_packing(planned)
         to_global(packed, p.batch_sharding)  # the sharding takes it
+    # data.pack_share_prompt reaches the layout (its loss equality is the slow "unshared" case).
+    for share in (True, False):
+        c = _cfg(tmp_path, f"data.pack_share_prompt={share}")
+        packed = packing.apply_packing(next(run_lib._batcher(p.train_pairs, c, 8, 0, packing=True,
+                                                             mesh=p.mesh)))
+        assert ("packed_branch" in packed) == share
