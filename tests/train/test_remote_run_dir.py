@@ -132,6 +132,7 @@ def test_remote_lock_is_a_marker_that_is_reported_not_obeyed(fake_gcs, capsys):
     assert not (fake_gcs / "bucket/run/.lock").exists()
 
 
+@pytest.mark.slow  # three whole runs (~2.5 min); CI keeps the storage, metrics and lock tests above
 def test_a_run_in_a_gs_folder_writes_its_files_and_resumes_exactly(tmp_path, fake_gcs):
     """SFT warm-up, HMK, a precomputed reference: config.yaml, metrics.jsonl, summary.json, the
     reference cache, SFT reference and checkpoints all in the bucket; stopped at step 3 and resumed,
