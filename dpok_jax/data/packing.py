@@ -207,17 +207,25 @@ def _common_prompt(ids: dict, attn: dict, resp: dict) -> np.ndarray:
     return np.minimum(shared_prefix(prompt), same)
 
 
+def predicts_next(segments, branch=None):
+    """[R, P-1] bool: where label position ``t`` predicts token ``t + 1`` of the same sequence, i.e.
+    token ``t + 1`` attends token ``t``: the same segment and, with a shared prompt (`branch`),
+    token ``t`` in branch 0 or in token ``t + 1``'s branch. NumPy or JAX arrays alike."""
+    same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+    if branch is not None:
+        same = same & ((branch[:, :-1] == 0) | (branch[:, :-1] == branch[:, 1:]))
+    return same
+
+
 def unpack_topk(packed: dict, values: np.ndarray, *, pairs: int, width: int, accum: int = 1) -> np.ndarray:
     """Per-position values of a packed batch ([R, P-1, ...], label positions) back to the unpacked
     per-pair layout [pairs, 2, width, ...] (zeros past each sequence's end): how a packed reference
     pass fills the same cache as an unpacked one."""
     seq = np.asarray(packed["packed_sequence"])[:, 1:]
     segments = np.asarray(packed["packed_segment_ids"])
-    same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
     branch = packed.get("packed_branch")
-    if branch is not None:  # a prediction only where token t + 1 attends token t
-        branch = np.asarray(branch)
-        same &= (branch[:, :-1] == 0) | (branch[:, :-1] == branch[:, 1:])
+    branch = None if branch is None else np.asarray(branch)
+    same = predicts_next(segments, branch)
     label_pos = np.asarray(packed["packed_positions"])[:, 1:] - 1
     rows = np.arange(seq.shape[0])[:, None].repeat(seq.shape[1], 1)
     bm = pairs // accum

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from dpok_jax import losses
+from dpok_jax.data.packing import predicts_next
 from dpok_jax.train.state import TrainState
 
 
@@ -113,9 +114,7 @@ class PairLayout:
             self.branch = batch.get("packed_branch")  # prefix-shared pairs (`share_prompt`)
             # A prediction counts only inside its segment (never the next segment's first token)
             # and, with a shared prompt, only where token t + 1 attends token t.
-            same = (self.segments[:, 1:] == self.segments[:, :-1]) & (self.segments[:, 1:] > 0)
-            if self.branch is not None:
-                same &= (self.branch[:, :-1] == 0) | (self.branch[:, :-1] == self.branch[:, 1:])
+            same = predicts_next(self.segments, self.branch)
             self.label_mask = self.resp[:, 1:] * same.astype(self.resp.dtype)
         else:
             self.ids, self.attn, self.resp = _pair_arrays(batch)
