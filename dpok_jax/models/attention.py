@@ -82,15 +82,17 @@ def implementation_for(platform: str, dtype, *, causal_len: int | None = None,
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                           implementation: str | None = None, causal: bool = False,
-                          block_size: int | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+                          block_size: int | None = None, segment_ids: jax.Array | None = None,
+                          branch_ids: jax.Array | None = None) -> jax.Array:
     """GQA attention, causal with a key padding mask (2-D ``mask``) or under an explicit mask (3-D).
 
     Args:
       q: ``[B, T, N, D]`` queries (rotary already applied).
       k, v: ``[B, S, K, D]`` keys and values, ``N % K == 0``.
       mask: ``[B, S]`` bool, True on real key tokens (left or right padding), with the causal mask
-        implied (``T == S``); or ``[B, T, S]`` bool, True where query ``t`` may attend key ``s``
-        (nothing implied: a KV cache, say).
+        implied (``T == S``), and with ``segment_ids`` the within-segment rule below; or
+        ``[B, T, S]`` bool, True where query ``t`` may attend key ``s`` (nothing implied: a KV
+        cache, say).
       implementation: ``"xla"``, ``"cudnn"`` or ``"splash"``; default `implementation_for` the
         default backend and these shapes. ``"splash"`` off TPU runs in Pallas' interpreter (tests).
       causal: with a 3-D mask, promise that it never lets a query see a later key (packed rows'
@@ -98,9 +100,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
       block_size: query positions per block of the blocked XLA path (default ``CAUSAL_BLOCK``), or
         query and key positions per block of the splash kernel (a multiple of 128; default
         `dpok_jax.models.splash_attention.splash_block`).
-      segment_ids: ``[B, T]`` int, packed rows' segment ids (0 = padding) from which the 3-D
-        ``mask`` was built as ``same segment & key id > 0 & causal``: a promise that lets the
-        splash kernel take the row. Ignored by the XLA and cuDNN paths, which read ``mask``.
+      segment_ids: ``[B, T]`` int, packed rows' segment ids (0 = padding). With a 2-D ``mask``
+        they are part of the mask: query ``t`` sees key ``s <= t`` only when both are in one segment
+        (and the key is real); the XLA path then builds each query block's mask from these vectors
+        instead of reading a materialized ``[B, T, S]`` one. With a 3-D ``mask`` they are a
+        promise that it was built as ``same segment & key id > 0 & causal``, which lets the splash
+        kernel take the row; the XLA and cuDNN paths read ``mask`` then.
+      branch_ids: ``[B, T]`` int, with ``segment_ids`` and a 2-D ``mask``: prefix-shared pairs
+        (`dpok_jax.data.packing`), where a query sees a key of its segment only in branch 0 or in
+        its own branch. Rows with branches never take the splash kernel.
 
     Returns:
       ``[B, T, N, D]`` in ``q``'s dtype. A query row with no visible key (a left-padding position)
@@ -111,7 +119,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         raise ValueError(f"attention mask must be [B, S] or [B, T, S], got shape {mask.shape}")
     if mask.ndim == 2 and q.shape[1] != k.shape[1]:
         raise ValueError(f"a [B, S] key mask implies causal self-attention: T={q.shape[1]} != S={k.shape[1]}")
-    kernel_segments = _kernel_segment_ids(q, k, mask, segment_ids)
+    if branch_ids is not None and (segment_ids is None or mask.ndim != 2):
+        raise ValueError("branch_ids need segment_ids and a [B, S] key mask")
+    rule = None  # packed rows given as vectors: (key mask, segment ids, branch ids)
+    if mask.ndim == 2 and segment_ids is not None:
+        if segment_ids.shape != mask.shape:
+            raise ValueError(f"segment_ids {segment_ids.shape} must match the key mask {mask.shape}")
+        rule = (mask & (segment_ids > 0), segment_ids, branch_ids)
+    kernel_segments = _kernel_segment_ids(q, k, mask, segment_ids, rule)
     if implementation is None:
         platform = jax.default_backend()
         partitionable = jax.device_count() == 1 or sharding_lib._ACTIVATION_MESH.get() is not None
@@ -125,6 +140,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
             raise ValueError("the splash kernel needs a [B, S] key mask or packed rows' segment_ids")
         return splash_attention(q, k, v, kernel_segments, block_size=block_size,
                                 interpret=jax.default_backend() != "tpu")
+    block = CAUSAL_BLOCK if block_size is None else int(block_size)
+    t = q.shape[1]
+    if rule is not None and implementation == "xla" and t > block:
+        return _blocked_causal(q, k, v, lambda i0, i1: _allowed_block(*rule, i0, i1), block)
+    if rule is not None:  # one block, or cuDNN: the dense [B, T, S] mask
+        mask, causal = _allowed_block(*rule, 0, t), True
     if mask.ndim == 2:
         mask, is_causal = mask[:, None, None, :], True  # [B, 1, 1, S]
     else:
@@ -136,20 +157,41 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         except (ValueError, NotImplementedError, RuntimeError) as err:  # rejected while tracing
             warnings.warn(f"cuDNN attention unavailable for q {q.shape} {q.dtype} ({err}); using XLA",
                           stacklevel=2)
-    block = CAUSAL_BLOCK if block_size is None else int(block_size)
-    if (is_causal or causal) and q.shape[1] == k.shape[1] and q.shape[1] > block:
-        allowed = mask[:, 0]  # [B, T, S], or [B, 1, S] key padding to combine with causality
-        if is_causal:
-            allowed = allowed & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None]
-        return _blocked_causal(q, k, v, allowed, block)
+    if (is_causal or causal) and t == k.shape[1] and t > block:
+        if is_causal:  # a key padding mask: each block's mask from the [B, S] vector
+            keys = mask[:, 0, 0]
+            return _blocked_causal(q, k, v, lambda i0, i1: _allowed_block(keys, None, None, i0, i1), block)
+        allowed = mask[:, 0]  # [B, T, S], already causal
+        return _blocked_causal(q, k, v, lambda i0, i1: allowed[:, i0:i1, :i1], block)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
 
 
+def _allowed_block(keys: jax.Array, segments: jax.Array | None, branch: jax.Array | None,
+                   i0: int, i1: int) -> jax.Array:
+    """``[B, i1 - i0, i1]`` bool: may query ``t`` in ``[i0, i1)`` attend key ``s < i1``. Causal,
+    onto real keys (``keys`` [B, S]), within a segment when ``segments`` [B, T] are given, and with
+    ``branch`` [B, T] only onto branch 0 or the query's own branch. Built from the vectors, so XLA
+    fuses it into the score computation instead of reading a ``[B, T, S]`` array."""
+    tq = jnp.arange(i0, i1)[:, None]
+    allowed = keys[:, None, :i1] & (tq >= jnp.arange(i1)[None, :])[None]
+    if segments is not None:
+        allowed &= segments[:, i0:i1, None] == segments[:, None, :i1]
+    if branch is not None:
+        kb = branch[:, None, :i1]
+        allowed &= (kb == 0) | (kb == branch[:, i0:i1, None])
+    return allowed
+
+
 def _kernel_segment_ids(q: jax.Array, k: jax.Array, mask: jax.Array,
-                        segment_ids: jax.Array | None) -> jax.Array | None:
+                        segment_ids: jax.Array | None, rule) -> jax.Array | None:
     """``[B, T]`` segment ids that express ``mask`` for the splash kernel, or None when it has none.
     A key padding mask is segment 1 (real) and 0 (padding): a real query sees the real keys at or
-    before it, as under the mask; a padding query sees padding keys (meaningless either way)."""
+    before it, as under the mask; a padding query sees padding keys (meaningless either way).
+    Packed rows given as vectors (``rule``) are their segment ids on real tokens, unless they have
+    branches (prefix sharing), which segment ids cannot express."""
+    if rule is not None:
+        keys, segments, branch = rule
+        return None if branch is not None else jnp.where(keys, segments, 0).astype(jnp.int32)
     if mask.ndim == 2:
         return mask.astype(jnp.int32)
     if segment_ids is None:
@@ -160,9 +202,12 @@ def _kernel_segment_ids(q: jax.Array, k: jax.Array, mask: jax.Array,
     return segment_ids
 
 
-def _blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, block: int) -> jax.Array:
+def _blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, allowed_block, block: int) -> jax.Array:
     """Exact causal attention by query blocks: block ``[i0, i1)`` against keys ``[0, i1)``.
-    q [B,T,N,D], k/v [B,T,K,D], allowed [B,T,T] bool (already causal). A query row with no
+    q [B,T,N,D], k/v [B,T,K,D]; ``allowed_block(i0, i1)`` -> [B, i1 - i0, i1] bool, already causal.
+    The softmax is left unnormalized until after the value matmul (``(exp(s - m) v) / l``), which
+    divides ``[.., D]`` values instead of ``[.., i1]`` probabilities, forward and backward; the row
+    maximum ``m`` is a constant to autodiff (the result does not depend on it). A query row with no
     visible key gets a finite, meaningless output (as every padded position)."""
     b, t, n, d = q.shape
     kv = k.shape[2]
@@ -174,8 +219,11 @@ def _blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
         i1 = min(i0 + block, t)
         s = jnp.einsum("bkgtd,bksd->bkgts", qt[:, :, :, i0:i1], kt[:, :, :i1],
                        preferred_element_type=jnp.float32) * scale
-        s = jnp.where(allowed[:, None, None, i0:i1, :i1], s, -1e30)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bksd->bkgtd", p, vt[:, :, :i1]))
+        s = jnp.where(allowed_block(i0, i1)[:, None, None], s, -1e30)
+        p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+        denom = jnp.sum(p, axis=-1, keepdims=True)  # >= 1: the row maximum contributes exp(0)
+        o = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), vt[:, :, :i1],
+                       preferred_element_type=jnp.float32)
+        outs.append((o / denom).astype(q.dtype))
     out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, D]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, d)

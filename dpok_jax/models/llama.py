@@ -340,16 +340,18 @@ class Attention(nnx.Module):
         self.v = _param(rngs, (h, k, d), ("embed", "kv_heads", "head_dim"), cfg)
         self.o = _param(rngs, (n, d, h), ("heads", "head_dim", "embed"), cfg)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x ``[B, T, H]``, cos/sin ``[B, T, D]``; mask ``[B, T]`` bool key padding (causal implied)
-        or ``[B, T, T]`` bool (True = may attend; packed rows' causal within-segment mask); see
-        `dot_product_attention`."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask) -> jax.Array:
+        """x ``[B, T, H]``, cos/sin ``[B, T, D]``; mask ``[B, T]`` bool key padding (causal implied),
+        ``[B, T, T]`` bool (True = may attend), or packed rows' ``(key mask, segment_ids,
+        branch_ids)`` ([B, T] each, branch_ids may be None); see `dot_product_attention`."""
         dt = self.dtype
         q = constrain(jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt)), _BTND)
         k = constrain(jnp.einsum("bth,hkd->btkd", x, self.k[...].astype(dt)), _BTKD)
         v = constrain(jnp.einsum("bth,hkd->btkd", x, self.v[...].astype(dt)), _BTKD)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = constrain(dot_product_attention(q, k, v, mask, causal=True), _BTND)
+        keys, segments, branch = mask if isinstance(mask, tuple) else (mask, None, None)
+        out = constrain(dot_product_attention(q, k, v, keys, causal=True, segment_ids=segments,
+                                              branch_ids=branch), _BTND)
         return constrain(jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt)), _BTH)
 
 
@@ -491,12 +493,8 @@ class Llama(nnx.Module):
             positions = default_positions(attention_mask)
         if segment_ids is None:
             mask = attention_mask  # [B, S] key padding; the layers add the causal mask
-        else:  # [B, T, S]: causal, within a segment, never onto padding
-            t = segment_ids.shape[1]
-            same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
-            if branch_ids is not None:
-                same &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
-            mask = same & jnp.tril(jnp.ones((t, t), bool))[None]
+        else:  # causal, within a segment (and branch), never onto padding: built per query block
+            mask = (attention_mask & (segment_ids > 0), segment_ids, branch_ids)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
 
         # The lookup reads a copy of the table in the compute dtype laid out [V, H/tensor]: a gather
