@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -201,6 +201,28 @@ def activation_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh
     spec = logical_to_spec(axes, rules)
     return PartitionSpec(*(entry if dim % _axis_size(mesh, entry) == 0 else None
                            for dim, entry in zip(shape, spec)))
+
+
+def shard_attention(local: Callable, q: jax.Array, k: jax.Array, v: jax.Array, *rows: jax.Array,
+                    q_axes: Sequence[str], kv_axes: Sequence[str]) -> jax.Array:
+    """``local(q, k, v, *rows)`` on each device's rows and heads inside an `activation_mesh` (a
+    `jax.shard_map`: rows over the batch axes, heads over tensor when the query and key/value head
+    counts both divide, so every GQA group stays on one device); called as it is without one.
+    For attention that XLA cannot partition itself (a Pallas kernel) or should not (a loop over
+    rows). q ``[B, T, N, D]``, k/v ``[B, T, K, D]`` with logical axes ``q_axes`` / ``kv_axes``;
+    ``rows``: ``[B, T]`` per-row arrays (masks, segment ids)."""
+    current = _ACTIVATION_MESH.get()
+    if current is None:
+        return local(q, k, v, *rows)
+    mesh, rules = current
+    q_spec = activation_spec(q.shape, q_axes, mesh, rules)
+    kv_spec = activation_spec(k.shape, kv_axes, mesh, rules)
+    heads = q_spec[2] if q_spec[2] == kv_spec[2] else None
+    qkv_spec = PartitionSpec(q_spec[0], None, heads, None)
+    row_spec = PartitionSpec(q_spec[0], None)
+    mapped = jax.shard_map(local, mesh=mesh, out_specs=qkv_spec, check_vma=False,
+                           in_specs=(qkv_spec, qkv_spec, qkv_spec, *(row_spec for _ in rows)))
+    return mapped(q, k, v, *rows)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -5,7 +5,10 @@
 
 Implementations (`implementation_for`, the rule; `dot_product_attention` applies it):
 
-- ``"xla"`` (CPU, GPU in float32, TPU where splash does not apply): plain XLA. Causal
+- ``"xla"`` (CPU, GPU in float32, TPU where splash does not apply): plain XLA. On CPU, causal
+  self-attention longer than one block under a key mask or packed rows' vectors runs
+  `tiled_causal` (one row and kv head at a time, cache-sized tiles, key windows from the segment
+  starts, a flash-style custom VJP). Elsewhere causal
   self-attention longer than one block (``CAUSAL_BLOCK`` = 128 query positions) runs **blocked**:
   query block ``i`` is scored against keys ``0 .. end of block i`` only (the later keys are masked
   anyway), with the heads laid out ``[B, K, G, T, D]`` so each block is one batched matmul. Exact
@@ -31,6 +34,7 @@ Implementations (`implementation_for`, the rule; `dot_product_attention` applies
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -142,6 +146,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                                 interpret=jax.default_backend() != "tpu")
     block = CAUSAL_BLOCK if block_size is None else int(block_size)
     t = q.shape[1]
+    if implementation == "xla" and t > block and jax.default_backend() == "cpu" and (
+            rule is not None or mask.ndim == 2):
+        keys, segments, branch = rule if rule is not None else (mask, None, None)
+        return tiled_causal(q, k, v, keys, segments, branch, block=block)
     if rule is not None and implementation == "xla" and t > block:
         return _blocked_causal(q, k, v, lambda i0, i1: _allowed_block(*rule, i0, i1), block)
     if rule is not None:  # one block, or cuDNN: the dense [B, T, S] mask
@@ -227,3 +235,157 @@ def _blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, allowed_block, blo
         outs.append((o / denom).astype(q.dtype))
     out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, D]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: exact attention one (row, kv head) at a time, in cache-sized tiles, with its own backward
+
+
+def tiled_causal(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,
+                 segments: jax.Array | None = None, branch: jax.Array | None = None, *,
+                 block: int = CAUSAL_BLOCK) -> jax.Array:
+    """Causal GQA self-attention under the vector mask of `_allowed_block` (key padding ``keys``
+    [B, T], optional ``segments`` / ``branch`` [B, T]), the XLA path on CPU.
+
+    XLA:CPU runs each fused operation over its whole operand, so the batched blocked path streams
+    every ``[B, K, G, block, i1]`` score tensor through memory several times (scores, mask and max,
+    exp and sum, the value matmul), and its autodiff backward keeps the probabilities of every
+    layer. Here a `jax.lax.map` over (row, kv head) computes one ``[G, block, i1]`` tile at a time
+    (at most ~1 MiB for G = 2, 1024 keys: it stays in cache), and a custom VJP recomputes the
+    probabilities from the saved log-sum-exp per query (flash attention's backward), so the
+    residuals are the output and ``[B, N, T]`` floats. Exact: the same softmax over the same
+    visible keys. Rows are mapped per device inside an `dpok_jax.sharding.activation_mesh`.
+    A query with no visible key gets a finite, meaningless output and no gradient.
+    """
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    segments = jnp.ones(keys.shape, jnp.int32) if segments is None else segments.astype(jnp.int32)
+    branch = jnp.zeros_like(segments) if branch is None else branch.astype(jnp.int32)
+
+    def local(q, k, v, keys, segments, branch):  # this device's rows / heads
+        bl, _, nl, _ = q.shape
+        kl = k.shape[2]
+        qt = jnp.transpose(q.reshape(bl, t, kl, nl // kl, d), (0, 2, 3, 1, 4)).reshape(bl * kl, nl // kl, t, d)
+        kt, vt = (jnp.transpose(x, (0, 2, 1, 3)).reshape(bl * kl, t, d) for x in (k, v))
+        rows = tuple(jnp.repeat(x, kl, axis=0) for x in (keys.astype(bool), segments, branch))
+        out = _tiled(qt, kt, vt, *rows, block)  # [B*K, G, T, D]
+        return jnp.transpose(out.reshape(bl, kl, nl // kl, t, d), (0, 3, 1, 2, 4)).reshape(bl, t, nl, d)
+
+    from dpok_jax.models.splash_attention import _BTKD, _BTND
+
+    return sharding_lib.shard_attention(local, q, k, v, keys, segments, branch, q_axes=_BTND, kv_axes=_BTKD)
+
+
+def _window_widths(blocks: int) -> tuple[int, ...]:
+    """Key windows (in blocks, ending at the query block) that a query block with ``blocks`` key
+    blocks up to it chooses from: about 1.5x apart, and all of them.
+
+    >>> _window_widths(8), _window_widths(1)
+    ((1, 2, 3, 4, 6, 8), (1,))
+    """
+    widths, w = [], 1
+    while w < blocks:
+        widths.append(w)
+        w = max(w + 1, (3 * w) // 2)
+    return (*widths, blocks)
+
+
+def _segment_starts(segments: jax.Array) -> jax.Array:
+    """[T] int -> [T]: the first position of each position's run of equal segment ids."""
+    t = segments.shape[0]
+    boundary = jnp.concatenate([jnp.ones((1,), bool), segments[1:] != segments[:-1]])
+    return jax.lax.cummax(jnp.where(boundary, jnp.arange(t), 0), axis=0)
+
+
+def _query_blocks(segments: jax.Array, t: int, block: int):
+    """Per query block of one row: ``(i0, i1, widths, choice)``, where key positions
+    ``[i0 - (widths[choice] - 1) * block, i1)`` hold every key a query in ``[i0, i1)`` may see (all of
+    them are in the queries' segments, which start no earlier), ``choice`` a traced index."""
+    starts = _segment_starts(segments)
+    for i, i0 in enumerate(range(0, t, block)):
+        i1 = min(i0 + block, t)
+        widths = _window_widths(i + 1)
+        needed = i + 1 - jnp.min(starts[i0:i1]) // block  # key blocks from the earliest segment start
+        yield i0, i1, widths, jnp.searchsorted(jnp.asarray(widths), needed)
+
+
+def _tile_mask(keys, segments, branch, i0: int, i1: int, j0: int) -> jax.Array:
+    """One row's `_allowed_block` for queries ``[i0, i1)`` and keys ``[j0, i1)``."""
+    return _allowed_block(keys[None], segments[None], branch[None], i0, i1)[0, :, j0:]
+
+
+def _tiled_forward(q, k, v, keys, segments, branch, block: int):
+    """One (row, kv head): q [G, T, D], k/v [T, D] -> (out [G, T, D], log-sum-exp [G, T], float32
+    or wider). Each query block reads only the keys of its window (`_query_blocks`)."""
+    t, d = k.shape
+    scale = d ** -0.5
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    outs, lses = [], []
+    for i0, i1, widths, choice in _query_blocks(segments, t, block):
+        def tile(j0, i0=i0, i1=i1):
+            def run():
+                s = jnp.einsum("gtd,sd->gts", q[:, i0:i1], k[j0:i1], preferred_element_type=acc) * scale
+                s = jnp.where(_tile_mask(keys, segments, branch, i0, i1, j0)[None], s, -1e30)
+                m = jnp.max(s, axis=-1)
+                p = jnp.exp(s - m[..., None])
+                denom = jnp.sum(p, axis=-1)  # >= 1
+                o = jnp.einsum("gts,sd->gtd", p.astype(v.dtype), v[j0:i1], preferred_element_type=acc)
+                return (o / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
+            return run
+        o, lse = jax.lax.switch(choice, [tile(i0 - (w - 1) * block) for w in widths])
+        outs.append(o)
+        lses.append(lse)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+
+
+def _tiled_backward(q, k, v, keys, segments, branch, out, lse, dout, block: int):
+    """One (row, kv head)'s d/dq, d/dk, d/dv from the saved output and log-sum-exp:
+    ``p = exp(s - lse)`` on visible keys, ``ds = p (dout v^T - rowsum(dout * out))``, over the
+    same key windows as the forward."""
+    t, d = k.shape
+    scale = d ** -0.5
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # [G, T]
+    dk = jnp.zeros((t, d), f32)
+    dv = jnp.zeros((t, d), f32)
+    dqs = []
+    for i0, i1, widths, choice in _query_blocks(segments, t, block):
+        def tile(j0, i0=i0, i1=i1):
+            def run(dk, dv):
+                qi, doi = q[:, i0:i1], dout[:, i0:i1]
+                s = jnp.einsum("gtd,sd->gts", qi, k[j0:i1], preferred_element_type=f32) * scale
+                allowed = _tile_mask(keys, segments, branch, i0, i1, j0)[None]
+                p = jnp.where(allowed, jnp.exp(s - lse[:, i0:i1, None]), 0.0)  # [G, bt, i1 - j0]
+                dv = dv.at[j0:i1].add(jnp.einsum("gts,gtd->sd", p.astype(doi.dtype), doi,
+                                                 preferred_element_type=f32))
+                dp = jnp.einsum("gtd,sd->gts", doi, v[j0:i1], preferred_element_type=f32)
+                ds = p * (dp - delta[:, i0:i1, None]) * scale
+                dq = jnp.einsum("gts,sd->gtd", ds.astype(k.dtype), k[j0:i1], preferred_element_type=f32)
+                dk = dk.at[j0:i1].add(jnp.einsum("gts,gtd->sd", ds.astype(qi.dtype), qi,
+                                                 preferred_element_type=f32))
+                return dq, dk, dv
+            return run
+        dq, dk, dv = jax.lax.switch(choice, [tile(i0 - (w - 1) * block) for w in widths], dk, dv)
+        dqs.append(dq)
+    return (jnp.concatenate(dqs, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _tiled(q, k, v, keys, segments, branch, block):
+    """[R, G, T, D] queries, [R, T, D] keys/values, [R, T] mask vectors -> [R, G, T, D]."""
+    return _tiled_fwd(q, k, v, keys, segments, branch, block)[0]
+
+
+def _tiled_fwd(q, k, v, keys, segments, branch, block):
+    out, lse = jax.lax.map(lambda a: _tiled_forward(*a, block), (q, k, v, keys, segments, branch))
+    return out, (q, k, v, keys, segments, branch, out, lse)
+
+
+def _tiled_bwd(block, residuals, dout):
+    q, k, v, keys, segments, branch, out, lse = residuals
+    dq, dk, dv = jax.lax.map(lambda a: _tiled_backward(*a, block),
+                             (q, k, v, keys, segments, branch, out, lse, dout))
+    return dq, dk, dv, None, None, None
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec
 
 from dpok_jax import sharding as sharding_lib
 
@@ -86,18 +85,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     def local(q, k, v, seg):  # one device's rows and heads
         return _splash_rows(q, k, v, seg, block=block, interpret=interpret)
 
-    current = sharding_lib._ACTIVATION_MESH.get()  # the mesh `constrain` uses; None without one
-    if current is None:
-        return local(q, k, v, segment_ids)
-    mesh, rules = current
-    q_spec = sharding_lib.activation_spec(q.shape, _BTND, mesh, rules)
-    kv_spec = sharding_lib.activation_spec(k.shape, _BTKD, mesh, rules)
-    heads = q_spec[2] if q_spec[2] == kv_spec[2] else None  # GQA groups stay whole on a device
-    rows = q_spec[0]
-    qkv_spec = PartitionSpec(rows, None, heads, None)
-    mapped = jax.shard_map(local, mesh=mesh, out_specs=qkv_spec, check_vma=False,
-                           in_specs=(qkv_spec, qkv_spec, qkv_spec, PartitionSpec(rows, None)))
-    return mapped(q, k, v, segment_ids)
+    return sharding_lib.shard_attention(local, q, k, v, segment_ids, q_axes=_BTND, kv_axes=_BTKD)
 
 
 def _splash_rows(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, *, block: int,
