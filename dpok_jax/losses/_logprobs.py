@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dpok_jax.losses import _divergences
+from dpok_jax.ops import token_matmul
 
 __all__ = ["chunked_logps_and_divergence", "chunked_token_logps", "masked_divergence", "sequence_logps",
            "token_logps"]
@@ -101,7 +102,7 @@ def sequence_logps(
 
 def _chunk_logits(h: jax.Array, unembed: jax.Array) -> jax.Array:
     """[B, C, H] @ [H, V] -> [B, C, V], accumulated in (at least) float32."""
-    return jnp.einsum("bch,hv->bcv", h, unembed, preferred_element_type=_acc_dtype(h, unembed))
+    return token_matmul(h, unembed, preferred_element_type=_acc_dtype(h, unembed))
 
 
 def _check_head(hidden: jax.Array, unembed: jax.Array, labels: jax.Array | None, prefix: str = "") -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from dpok_jax.models.attention import dot_product_attention
+from dpok_jax.ops import token_matmul
 from dpok_jax.sharding import constrain
 
 # Logical axes of the activations (resolved by `dpok_jax.sharding`'s rules inside `activation_mesh`).
@@ -345,14 +346,14 @@ class Attention(nnx.Module):
         ``[B, T, T]`` bool (True = may attend), or packed rows' ``(key mask, segment_ids,
         branch_ids)`` ([B, T] each, branch_ids may be None); see `dot_product_attention`."""
         dt = self.dtype
-        q = constrain(jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt)), _BTND)
-        k = constrain(jnp.einsum("bth,hkd->btkd", x, self.k[...].astype(dt)), _BTKD)
-        v = constrain(jnp.einsum("bth,hkd->btkd", x, self.v[...].astype(dt)), _BTKD)
+        q = constrain(token_matmul(x, self.q[...].astype(dt)), _BTND)
+        k = constrain(token_matmul(x, self.k[...].astype(dt)), _BTKD)
+        v = constrain(token_matmul(x, self.v[...].astype(dt)), _BTKD)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, segments, branch = mask if isinstance(mask, tuple) else (mask, None, None)
         out = constrain(dot_product_attention(q, k, v, keys, causal=True, segment_ids=segments,
                                               branch_ids=branch), _BTND)
-        return constrain(jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt)), _BTH)
+        return constrain(token_matmul(out, self.o[...].astype(dt)), _BTH)
 
 
 class MLP(nnx.Module):
@@ -367,9 +368,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, H] -> [B, T, H]
         dt = self.dtype
-        gate = constrain(jnp.einsum("bth,hi->bti", x, self.gate[...].astype(dt)), _BTI)
-        up = constrain(jnp.einsum("bth,hi->bti", x, self.up[...].astype(dt)), _BTI)
-        return constrain(jnp.einsum("bti,ih->bth", jax.nn.silu(gate) * up, self.down[...].astype(dt)), _BTH)
+        gate = constrain(token_matmul(x, self.gate[...].astype(dt)), _BTI)
+        up = constrain(token_matmul(x, self.up[...].astype(dt)), _BTI)
+        return constrain(token_matmul(jax.nn.silu(gate) * up, self.down[...].astype(dt)), _BTH)
 
 
 class DecoderLayer(nnx.Module):
@@ -519,7 +520,7 @@ class Llama(nnx.Module):
         x = constrain(self.final_norm(x), _BTH)
         if return_hidden:
             return x
-        logits = jnp.einsum("bth,hv->btv", x, self.unembedding().astype(dt), preferred_element_type=jnp.float32)
+        logits = token_matmul(x, self.unembedding().astype(dt), preferred_element_type=jnp.float32)
         return constrain(logits, _BTV)
 
 
