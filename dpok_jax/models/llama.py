@@ -414,6 +414,24 @@ def _remat_policy(name: str):
     }[name]
 
 
+UNROLL_MAX_LAYERS = 8  # models this shallow run their layer scan unrolled
+
+
+def layer_unroll(num_layers: int) -> int:
+    """The layer scan's ``unroll``: all layers for models of at most `UNROLL_MAX_LAYERS`, else 1.
+
+    A rolled scan stacks each layer's residuals for the backward pass into ``[layers, ...]``
+    buffers that XLA zero-fills and writes slice by slice, every step; unrolled, each layer keeps
+    its own buffers. On the 2-core CPU the 4-layer 256-wide model's plain-DPO step was 1.11x faster
+    on the synthetic pairs and 1.05x on HH-RLHF (interleaved A/B), for 20% more compile time;
+    deeper models keep the scan, whose compile time does not grow with depth.
+
+    >>> layer_unroll(4), layer_unroll(30)
+    (4, 1)
+    """
+    return num_layers if num_layers <= UNROLL_MAX_LAYERS else 1
+
+
 def default_positions(attention_mask: jax.Array) -> jax.Array:
     """``cumsum(mask) - 1`` clipped at 0: position 0 at the first real token, for left or right padding.
 
@@ -427,7 +445,8 @@ class Llama(nnx.Module):
     """Llama 3 causal LM: embeddings, ``num_layers`` stacked decoder layers, final RMSNorm, LM head.
 
     Layer parameters have a leading ``"layers"`` axis (created with `nnx.vmap`) and run under
-    `jax.lax.scan`, optionally rematerialized per layer (``config.remat``).
+    `jax.lax.scan` (unrolled for shallow models, `layer_unroll`), optionally rematerialized per
+    layer (``config.remat``).
 
     >>> model = nnx.eval_shape(lambda: Llama(ModelConfig.tiny(), rngs=nnx.Rngs(0)))  # abstract: no FLOPs
     >>> model.layers.attn.q.shape  # [layers, embed, heads, head_dim]
@@ -516,7 +535,7 @@ class Llama(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, layer_state)
+        x, _ = jax.lax.scan(body, x, layer_state, unroll=layer_unroll(cfg.num_layers))
         x = constrain(self.final_norm(x), _BTH)
         if return_hidden:
             return x
