@@ -297,77 +297,137 @@ def _segment_starts(segments: jax.Array) -> jax.Array:
     return jax.lax.cummax(jnp.where(boundary, jnp.arange(t), 0), axis=0)
 
 
-def _query_blocks(segments: jax.Array, t: int, block: int):
-    """Per query block of one row: ``(i0, i1, widths, choice)``, where key positions
-    ``[i0 - (widths[choice] - 1) * block, i1)`` hold every key a query in ``[i0, i1)`` may see (all of
-    them are in the queries' segments, which start no earlier), ``choice`` a traced index."""
-    starts = _segment_starts(segments)
-    for i, i0 in enumerate(range(0, t, block)):
-        i1 = min(i0 + block, t)
-        widths = _window_widths(i + 1)
-        needed = i + 1 - jnp.min(starts[i0:i1]) // block  # key blocks from the earliest segment start
-        yield i0, i1, widths, jnp.searchsorted(jnp.asarray(widths), needed)
+def _pad_to_blocks(block: int, t: int, *arrays_and_axes):
+    """Pad each ``(array, axis)`` at the end of ``axis`` from ``t`` to a multiple of ``block``
+    (zeros / False: padded keys are invisible, padded queries see nothing)."""
+    pad = -t % block
+    out = []
+    for x, axis in arrays_and_axes:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        out.append(jnp.pad(x, widths) if pad else x)
+    return out
 
 
-def _tile_mask(keys, segments, branch, i0: int, i1: int, j0: int) -> jax.Array:
-    """One row's `_allowed_block` for queries ``[i0, i1)`` and keys ``[j0, i1)``."""
-    return _allowed_block(keys[None], segments[None], branch[None], i0, i1)[0, :, j0:]
+UNROLL_QUERY_BLOCKS = 8  # rows of at most this many query blocks run them unrolled
+
+
+def _needed_blocks(segments: jax.Array, block: int) -> jax.Array:
+    """For a row padded to ``nb`` blocks: ``[nb]`` int, the key blocks (ending at query block ``i``)
+    that hold every key its queries may see: all are in their segments, which start no earlier
+    than the earliest segment start in the block."""
+    nb = segments.shape[0] // block
+    earliest = jnp.min(_segment_starts(segments).reshape(nb, block), axis=1)
+    return jnp.arange(nb) + 1 - earliest // block  # 1 .. i + 1
+
+
+def _over_query_blocks(needed: jax.Array, block: int, tile):
+    """Run ``tile(width)(i0) -> (per_block, to_sum)`` for every query block ``i0 = i * block``
+    with the smallest window width (in positions) of `_window_widths` holding its ``needed[i]``
+    key blocks, chosen by `jax.lax.switch`. Returns ``(per_block stacked [nb, ...], to_sum summed)``.
+
+    Rows of at most `UNROLL_QUERY_BLOCKS` blocks run unrolled, so XLA:CPU runs independent query
+    blocks on different cores; longer rows run a `jax.lax.scan`, so the program (and its compile
+    time: 42 s unrolled against 2 s at 4096 positions) does not grow with the length."""
+    nb = needed.shape[0]
+    if nb <= UNROLL_QUERY_BLOCKS:
+        per_block, sums = [], []
+        for i in range(nb):
+            widths = _window_widths(i + 1)
+            choice = jnp.searchsorted(jnp.asarray(widths), needed[i])
+            a, b = jax.lax.switch(choice, [tile(w * block) for w in widths], i * block)
+            per_block.append(a)
+            sums.append(b)
+        return (jax.tree.map(lambda *x: jnp.stack(x), *per_block),
+                jax.tree.map(lambda *x: sum(x[1:], x[0]), *sums))
+    widths = _window_widths(nb)
+    choice = jnp.searchsorted(jnp.asarray(widths), needed)
+
+    def body(total, xs):
+        a, b = jax.lax.switch(xs[1], [tile(w * block) for w in widths], xs[0] * block)
+        return jax.tree.map(jnp.add, total, b), a
+
+    first = jax.eval_shape(tile(widths[0] * block), 0)[1]
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first)
+    total, per_block = jax.lax.scan(body, zeros, (jnp.arange(nb), choice))
+    return per_block, total
+
+
+def _tile(q, k, v, keys, segments, branch, i0, width: int, block: int):
+    """Query block ``[i0, i0 + block)`` and its key window of ``width`` positions ending at the
+    block's end (clipped to the row): ``(q_i [G, block, D], k_w, v_w [width, D], allowed
+    [block, width], j0)``."""
+    t = k.shape[0]
+    j0 = jnp.clip(i0 + block - width, 0, t - width)
+    take = lambda x, start, size, axis=0: jax.lax.dynamic_slice_in_dim(x, start, size, axis)  # noqa: E731
+    tq = i0 + jnp.arange(block)
+    tk = j0 + jnp.arange(width)
+    bq, bk = take(branch, i0, block), take(branch, j0, width)
+    allowed = (take(keys, j0, width)[None, :] & (tq[:, None] >= tk[None, :])
+               & (take(segments, i0, block)[:, None] == take(segments, j0, width)[None, :])
+               & ((bk[None, :] == 0) | (bk[None, :] == bq[:, None])))
+    return take(q, i0, block, 1), take(k, j0, width), take(v, j0, width), allowed, j0
 
 
 def _tiled_forward(q, k, v, keys, segments, branch, block: int):
     """One (row, kv head): q [G, T, D], k/v [T, D] -> (out [G, T, D], log-sum-exp [G, T], float32
-    or wider). Each query block reads only the keys of its window (`_query_blocks`)."""
-    t, d = k.shape
+    or wider). Each query block reads only its key window (`_over_query_blocks`)."""
+    g, t, d = q.shape
+    q, k, v, keys, segments, branch = _pad_to_blocks(
+        block, t, (q, 1), (k, 0), (v, 0), (keys, 0), (segments, 0), (branch, 0))
+    nb = k.shape[0] // block
     scale = d ** -0.5
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    outs, lses = [], []
-    for i0, i1, widths, choice in _query_blocks(segments, t, block):
-        def tile(j0, i0=i0, i1=i1):
-            def run():
-                s = jnp.einsum("gtd,sd->gts", q[:, i0:i1], k[j0:i1], preferred_element_type=acc) * scale
-                s = jnp.where(_tile_mask(keys, segments, branch, i0, i1, j0)[None], s, -1e30)
-                m = jnp.max(s, axis=-1)
-                p = jnp.exp(s - m[..., None])
-                denom = jnp.sum(p, axis=-1)  # >= 1
-                o = jnp.einsum("gts,sd->gtd", p.astype(v.dtype), v[j0:i1], preferred_element_type=acc)
-                return (o / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
-            return run
-        o, lse = jax.lax.switch(choice, [tile(i0 - (w - 1) * block) for w in widths])
-        outs.append(o)
-        lses.append(lse)
-    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+
+    def tile(width):
+        def run(i0):
+            qi, kw, vw, allowed, _ = _tile(q, k, v, keys, segments, branch, i0, width, block)
+            s = jnp.einsum("gtd,sd->gts", qi, kw, preferred_element_type=acc) * scale
+            s = jnp.where(allowed[None], s, -1e30)
+            m = jnp.max(s, axis=-1)
+            p = jnp.exp(s - m[..., None])
+            denom = jnp.sum(p, axis=-1)  # >= 1
+            o = jnp.einsum("gts,sd->gtd", p.astype(v.dtype), vw, preferred_element_type=acc)
+            return ((o / denom[..., None]).astype(q.dtype), m + jnp.log(denom)), ()
+        return run
+
+    (o, lse), _ = _over_query_blocks(_needed_blocks(segments, block), block, tile)  # [nb, G, block, ...]
+    out = jnp.moveaxis(o, 0, 1).reshape(g, nb * block, d)[:, :t]
+    return out, jnp.moveaxis(lse, 0, 1).reshape(g, nb * block)[:, :t]
 
 
 def _tiled_backward(q, k, v, keys, segments, branch, out, lse, dout, block: int):
     """One (row, kv head)'s d/dq, d/dk, d/dv from the saved output and log-sum-exp:
     ``p = exp(s - lse)`` on visible keys, ``ds = p (dout v^T - rowsum(dout * out))``, over the
-    same key windows as the forward."""
-    t, d = k.shape
-    scale = d ** -0.5
+    same key windows as the forward; each query block's d/dk and d/dv land in a row-sized array,
+    summed over the blocks."""
+    g, t, d = q.shape
     f32 = jnp.promote_types(q.dtype, jnp.float32)
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # [G, T]
-    dk = jnp.zeros((t, d), f32)
-    dv = jnp.zeros((t, d), f32)
-    dqs = []
-    for i0, i1, widths, choice in _query_blocks(segments, t, block):
-        def tile(j0, i0=i0, i1=i1):
-            def run(dk, dv):
-                qi, doi = q[:, i0:i1], dout[:, i0:i1]
-                s = jnp.einsum("gtd,sd->gts", qi, k[j0:i1], preferred_element_type=f32) * scale
-                allowed = _tile_mask(keys, segments, branch, i0, i1, j0)[None]
-                p = jnp.where(allowed, jnp.exp(s - lse[:, i0:i1, None]), 0.0)  # [G, bt, i1 - j0]
-                dv = dv.at[j0:i1].add(jnp.einsum("gts,gtd->sd", p.astype(doi.dtype), doi,
-                                                 preferred_element_type=f32))
-                dp = jnp.einsum("gtd,sd->gts", doi, v[j0:i1], preferred_element_type=f32)
-                ds = p * (dp - delta[:, i0:i1, None]) * scale
-                dq = jnp.einsum("gts,sd->gtd", ds.astype(k.dtype), k[j0:i1], preferred_element_type=f32)
-                dk = dk.at[j0:i1].add(jnp.einsum("gts,gtd->sd", ds.astype(qi.dtype), qi,
-                                                 preferred_element_type=f32))
-                return dq, dk, dv
-            return run
-        dq, dk, dv = jax.lax.switch(choice, [tile(i0 - (w - 1) * block) for w in widths], dk, dv)
-        dqs.append(dq)
-    return (jnp.concatenate(dqs, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    q, k, v, keys, segments, branch, dout, lse, delta = _pad_to_blocks(
+        block, t, (q, 1), (k, 0), (v, 0), (keys, 0), (segments, 0), (branch, 0), (dout, 1), (lse, 1),
+        (delta, 1))
+    tp = k.shape[0]
+    scale = d ** -0.5
+
+    def tile(width):
+        def run(i0):
+            qi, kw, vw, allowed, j0 = _tile(q, k, v, keys, segments, branch, i0, width, block)
+            doi, lsei, deltai = (jax.lax.dynamic_slice_in_dim(x, i0, block, 1) for x in (dout, lse, delta))
+            s = jnp.einsum("gtd,sd->gts", qi, kw, preferred_element_type=f32) * scale
+            p = jnp.where(allowed[None], jnp.exp(s - lsei[..., None]), 0.0)  # [G, block, width]
+            dv_w = jnp.einsum("gts,gtd->sd", p.astype(doi.dtype), doi, preferred_element_type=f32)
+            dp = jnp.einsum("gtd,sd->gts", doi, vw, preferred_element_type=f32)
+            ds = p * (dp - deltai[..., None]) * scale
+            dq = jnp.einsum("gts,sd->gtd", ds.astype(kw.dtype), kw, preferred_element_type=f32)
+            dk_w = jnp.einsum("gts,gtd->sd", ds.astype(qi.dtype), qi, preferred_element_type=f32)
+            place = lambda x: jax.lax.dynamic_update_slice_in_dim(jnp.zeros((tp, d), f32), x, j0, 0)  # noqa: E731
+            return dq, (place(dk_w), place(dv_w))
+        return run
+
+    dq, (dk, dv) = _over_query_blocks(_needed_blocks(segments, block), block, tile)
+    dq = jnp.moveaxis(dq, 0, 1).reshape(g, tp, d)[:, :t]
+    return dq.astype(q.dtype), dk[:t].astype(k.dtype), dv[:t].astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
