@@ -153,16 +153,19 @@ def _packed_rows(t, seed=0):
     return keys, seg, br, allowed
 
 
+@pytest.mark.parametrize("block", [64, 32], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
-def test_tiled_causal_equals_float64_reference(heads):
+def test_tiled_causal_equals_float64_reference(heads, block):
     """`tiled_causal` (CPU's path for vector masks) on packed rows with segments, branches and
-    padding, 300 positions in tiles of 64 (the last one short), against the float64 reference."""
-    from dpok_jax.models.attention import tiled_causal
+    padding, 300 positions in query blocks of 64 (5, unrolled; the last one short) or 32 (10, more
+    than `UNROLL_QUERY_BLOCKS`: a scan), against the float64 reference."""
+    from dpok_jax.models.attention import UNROLL_QUERY_BLOCKS, tiled_causal
 
+    assert (300 / block > UNROLL_QUERY_BLOCKS) == (block == 32)
     n, kv = heads
     q, k, v = _inputs(t=300, n=n, kv=kv)
     keys, seg, br, allowed = _packed_rows(300)
-    got = np.asarray(jax.jit(lambda *a: tiled_causal(*a, block=64))(q, k, v, keys, seg, br))
+    got = np.asarray(jax.jit(lambda *a: tiled_causal(*a, block=block))(q, k, v, keys, seg, br))
     ref = _reference(q, k, v, allowed)
     rows = ~np.isnan(ref[..., 0, 0])
     assert not rows.all() and rows.sum() > 800  # padding rows see nothing, the rest do
@@ -182,8 +185,9 @@ def test_tiled_causal_gradients_check_grads():
         q, k, v = (x.astype(np.float64) for x in _inputs(t=40, n=4, kv=2, d=4, seed=5))
         keys, seg, br, allowed = _packed_rows(40)
         visible = jnp.asarray(allowed.any(-1))[:, :, None, None]
-        f = lambda q, k, v: jnp.where(visible, tiled_causal(q, k, v, keys, seg, br, block=16), 0.0)  # noqa: E731
-        check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+        for block in (16, 4):  # 3 query blocks unrolled; 10 in a scan
+            f = lambda q, k, v: jnp.where(visible, tiled_causal(q, k, v, keys, seg, br, block=block), 0.0)  # noqa: E731
+            check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
 def test_cpu_vector_masks_take_the_tiled_path_also_on_a_mesh():
