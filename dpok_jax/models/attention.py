@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from dpok_jax import sharding as sharding_lib
-from dpok_jax.models.splash_attention import splash_attention
+from dpok_jax.models.splash_attention import _BTKD, _BTND, splash_attention
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CAUSAL_BLOCK = 128  # query positions per block of the blocked causal XLA path
@@ -174,20 +174,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
 
 
+def _visible(tq, tk, key_real, seg_q=None, seg_k=None, br_q=None, br_k=None) -> jax.Array:
+    """The packed-row mask rule, ``[..., Tq, Tk]`` bool from query-side ``[..., Tq]`` and key-side
+    ``[..., Tk]`` vectors: causal (position ``tq >= tk``), onto real keys, within a segment when
+    segment ids are given, and with branch ids only onto branch 0 or the query's own branch."""
+    allowed = key_real[..., None, :] & (tq[..., :, None] >= tk[..., None, :])
+    if seg_q is not None:
+        allowed &= seg_q[..., :, None] == seg_k[..., None, :]
+    if br_q is not None:
+        allowed &= (br_k[..., None, :] == 0) | (br_k[..., None, :] == br_q[..., :, None])
+    return allowed
+
+
 def _allowed_block(keys: jax.Array, segments: jax.Array | None, branch: jax.Array | None,
                    i0: int, i1: int) -> jax.Array:
-    """``[B, i1 - i0, i1]`` bool: may query ``t`` in ``[i0, i1)`` attend key ``s < i1``. Causal,
-    onto real keys (``keys`` [B, S]), within a segment when ``segments`` [B, T] are given, and with
-    ``branch`` [B, T] only onto branch 0 or the query's own branch. Built from the vectors, so XLA
+    """``[B, i1 - i0, i1]`` bool: may query ``t`` in ``[i0, i1)`` attend key ``s < i1`` (`_visible`
+    on ``keys`` [B, S], ``segments`` / ``branch`` [B, T] or None). Built from the vectors, so XLA
     fuses it into the score computation instead of reading a ``[B, T, S]`` array."""
-    tq = jnp.arange(i0, i1)[:, None]
-    allowed = keys[:, None, :i1] & (tq >= jnp.arange(i1)[None, :])[None]
-    if segments is not None:
-        allowed &= segments[:, i0:i1, None] == segments[:, None, :i1]
-    if branch is not None:
-        kb = branch[:, None, :i1]
-        allowed &= (kb == 0) | (kb == branch[:, i0:i1, None])
-    return allowed
+    q_side = lambda x: None if x is None else x[:, i0:i1]  # noqa: E731
+    k_side = lambda x: None if x is None else x[:, :i1]  # noqa: E731
+    return _visible(jnp.arange(i0, i1), jnp.arange(i1), keys[:, :i1], q_side(segments), k_side(segments),
+                    q_side(branch), k_side(branch))
 
 
 def _kernel_segment_ids(q: jax.Array, k: jax.Array, mask: jax.Array,
@@ -257,8 +264,7 @@ def tiled_causal(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,
     visible keys. Rows are mapped per device inside an `dpok_jax.sharding.activation_mesh`.
     A query with no visible key gets a finite, meaningless output and no gradient.
     """
-    b, t, n, d = q.shape
-    kv = k.shape[2]
+    t, d = q.shape[1], q.shape[3]
     segments = jnp.ones(keys.shape, jnp.int32) if segments is None else segments.astype(jnp.int32)
     branch = jnp.zeros_like(segments) if branch is None else branch.astype(jnp.int32)
 
@@ -270,8 +276,6 @@ def tiled_causal(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,
         rows = tuple(jnp.repeat(x, kl, axis=0) for x in (keys.astype(bool), segments, branch))
         out = _tiled(qt, kt, vt, *rows, block)  # [B*K, G, T, D]
         return jnp.transpose(out.reshape(bl, kl, nl // kl, t, d), (0, 3, 1, 2, 4)).reshape(bl, t, nl, d)
-
-    from dpok_jax.models.splash_attention import _BTKD, _BTND
 
     return sharding_lib.shard_attention(local, q, k, v, keys, segments, branch, q_axes=_BTND, kv_axes=_BTKD)
 
@@ -360,12 +364,9 @@ def _tile(q, k, v, keys, segments, branch, i0, width: int, block: int):
     t = k.shape[0]
     j0 = jnp.clip(i0 + block - width, 0, t - width)
     take = lambda x, start, size, axis=0: jax.lax.dynamic_slice_in_dim(x, start, size, axis)  # noqa: E731
-    tq = i0 + jnp.arange(block)
-    tk = j0 + jnp.arange(width)
-    bq, bk = take(branch, i0, block), take(branch, j0, width)
-    allowed = (take(keys, j0, width)[None, :] & (tq[:, None] >= tk[None, :])
-               & (take(segments, i0, block)[:, None] == take(segments, j0, width)[None, :])
-               & ((bk[None, :] == 0) | (bk[None, :] == bq[:, None])))
+    allowed = _visible(i0 + jnp.arange(block), j0 + jnp.arange(width), take(keys, j0, width),
+                       take(segments, i0, block), take(segments, j0, width),
+                       take(branch, i0, block), take(branch, j0, width))
     return take(q, i0, block, 1), take(k, j0, width), take(v, j0, width), allowed, j0
 
 

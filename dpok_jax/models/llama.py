@@ -514,7 +514,7 @@ class Llama(nnx.Module):
         if segment_ids is None:
             mask = attention_mask  # [B, S] key padding; the layers add the causal mask
         else:  # causal, within a segment (and branch), never onto padding: built per query block
-            mask = (attention_mask & (segment_ids > 0), segment_ids, branch_ids)
+            mask = (attention_mask, segment_ids, branch_ids)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
 
         # The lookup reads a copy of the table in the compute dtype laid out [V, H/tensor]: a gather
