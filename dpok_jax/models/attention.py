@@ -267,6 +267,11 @@ def tiled_causal(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,
     t, d = q.shape[1], q.shape[3]
     segments = jnp.ones(keys.shape, jnp.int32) if segments is None else segments.astype(jnp.int32)
     branch = jnp.zeros_like(segments) if branch is None else branch.astype(jnp.int32)
+    # Tie the mask vectors to the queries. Inside a differentiated layer scan they are
+    # loop-invariant, and JAX's scan linearization hoists everything that depends on them alone out
+    # of the loop: every tile's mask and fill, stacked over all (row, head, query block) tiles of
+    # the forward (hundreds of MiB per layer at 4096 positions, and most of the attention's time).
+    q, keys, segments, branch = jax.lax.optimization_barrier((q, keys, segments, branch))
 
     def local(q, k, v, keys, segments, branch):  # this device's rows / heads
         bl, _, nl, _ = q.shape
@@ -325,21 +330,23 @@ def _needed_blocks(segments: jax.Array, block: int) -> jax.Array:
     return jnp.arange(nb) + 1 - earliest // block  # 1 .. i + 1
 
 
-def _over_query_blocks(needed: jax.Array, block: int, tile):
-    """Run ``tile(width)(i0) -> (per_block, to_sum)`` for every query block ``i0 = i * block``
+def _over_query_blocks(needed: jax.Array, block: int, tile, acc):
+    """Run ``tile(width)(i0, acc) -> (per_block, acc)`` for every query block ``i0 = i * block``
     with the smallest window width (in positions) of `_window_widths` holding its ``needed[i]``
-    key blocks, chosen by `jax.lax.switch`. Returns ``(per_block stacked [nb, ...], to_sum summed)``.
+    key blocks, chosen by `jax.lax.switch`. ``acc`` is a pytree of arrays the tiles add into
+    (zeros on entry). Returns ``(per_block stacked [nb, ...], acc)``.
 
-    Rows of at most `UNROLL_QUERY_BLOCKS` blocks run unrolled, so XLA:CPU runs independent query
-    blocks on different cores; longer rows run a `jax.lax.scan`, so the program (and its compile
-    time: 42 s unrolled against 2 s at 4096 positions) does not grow with the length."""
+    Rows of at most `UNROLL_QUERY_BLOCKS` blocks run unrolled, each block adding into its own
+    zeros (summed at the end), so XLA:CPU runs independent query blocks on different cores; longer
+    rows run a `jax.lax.scan` that adds into one carried ``acc`` in place, so the program (and its
+    compile time: 42 s unrolled against 2 s at 4096 positions) does not grow with the length."""
     nb = needed.shape[0]
     if nb <= UNROLL_QUERY_BLOCKS:
         per_block, sums = [], []
         for i in range(nb):
             widths = _window_widths(i + 1)
             choice = jnp.searchsorted(jnp.asarray(widths), needed[i])
-            a, b = jax.lax.switch(choice, [tile(w * block) for w in widths], i * block)
+            a, b = jax.lax.switch(choice, [tile(w * block) for w in widths], i * block, acc)
             per_block.append(a)
             sums.append(b)
         return (jax.tree.map(lambda *x: jnp.stack(x), *per_block),
@@ -347,14 +354,12 @@ def _over_query_blocks(needed: jax.Array, block: int, tile):
     widths = _window_widths(nb)
     choice = jnp.searchsorted(jnp.asarray(widths), needed)
 
-    def body(total, xs):
-        a, b = jax.lax.switch(xs[1], [tile(w * block) for w in widths], xs[0] * block)
-        return jax.tree.map(jnp.add, total, b), a
+    def body(carry, xs):
+        a, carry = jax.lax.switch(xs[1], [tile(w * block) for w in widths], xs[0] * block, carry)
+        return carry, a
 
-    first = jax.eval_shape(tile(widths[0] * block), 0)[1]
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first)
-    total, per_block = jax.lax.scan(body, zeros, (jnp.arange(nb), choice))
-    return per_block, total
+    acc, per_block = jax.lax.scan(body, acc, (jnp.arange(nb), choice))
+    return per_block, acc
 
 
 def _tile(q, k, v, keys, segments, branch, i0, width: int, block: int):
@@ -381,7 +386,7 @@ def _tiled_forward(q, k, v, keys, segments, branch, block: int):
     acc = jnp.promote_types(q.dtype, jnp.float32)
 
     def tile(width):
-        def run(i0):
+        def run(i0, nothing):
             qi, kw, vw, allowed, _ = _tile(q, k, v, keys, segments, branch, i0, width, block)
             s = jnp.einsum("gtd,sd->gts", qi, kw, preferred_element_type=acc) * scale
             s = jnp.where(allowed[None], s, -1e30)
@@ -389,10 +394,10 @@ def _tiled_forward(q, k, v, keys, segments, branch, block: int):
             p = jnp.exp(s - m[..., None])
             denom = jnp.sum(p, axis=-1)  # >= 1
             o = jnp.einsum("gts,sd->gtd", p.astype(v.dtype), vw, preferred_element_type=acc)
-            return ((o / denom[..., None]).astype(q.dtype), m + jnp.log(denom)), ()
+            return ((o / denom[..., None]).astype(q.dtype), m + jnp.log(denom)), nothing
         return run
 
-    (o, lse), _ = _over_query_blocks(_needed_blocks(segments, block), block, tile)  # [nb, G, block, ...]
+    (o, lse), _ = _over_query_blocks(_needed_blocks(segments, block), block, tile, ())  # [nb, G, block, ...]
     out = jnp.moveaxis(o, 0, 1).reshape(g, nb * block, d)[:, :t]
     return out, jnp.moveaxis(lse, 0, 1).reshape(g, nb * block)[:, :t]
 
@@ -400,8 +405,8 @@ def _tiled_forward(q, k, v, keys, segments, branch, block: int):
 def _tiled_backward(q, k, v, keys, segments, branch, out, lse, dout, block: int):
     """One (row, kv head)'s d/dq, d/dk, d/dv from the saved output and log-sum-exp:
     ``p = exp(s - lse)`` on visible keys, ``ds = p (dout v^T - rowsum(dout * out))``, over the
-    same key windows as the forward; each query block's d/dk and d/dv land in a row-sized array,
-    summed over the blocks."""
+    same key windows as the forward; each query block adds its d/dk and d/dv into row-sized
+    arrays (`_over_query_blocks`)."""
     g, t, d = q.shape
     f32 = jnp.promote_types(q.dtype, jnp.float32)
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # [G, T]
@@ -412,7 +417,7 @@ def _tiled_backward(q, k, v, keys, segments, branch, out, lse, dout, block: int)
     scale = d ** -0.5
 
     def tile(width):
-        def run(i0):
+        def run(i0, acc):
             qi, kw, vw, allowed, j0 = _tile(q, k, v, keys, segments, branch, i0, width, block)
             doi, lsei, deltai = (jax.lax.dynamic_slice_in_dim(x, i0, block, 1) for x in (dout, lse, delta))
             s = jnp.einsum("gtd,sd->gts", qi, kw, preferred_element_type=f32) * scale
@@ -422,11 +427,13 @@ def _tiled_backward(q, k, v, keys, segments, branch, out, lse, dout, block: int)
             ds = p * (dp - deltai[..., None]) * scale
             dq = jnp.einsum("gts,sd->gtd", ds.astype(kw.dtype), kw, preferred_element_type=f32)
             dk_w = jnp.einsum("gts,gtd->sd", ds.astype(qi.dtype), qi, preferred_element_type=f32)
-            place = lambda x: jax.lax.dynamic_update_slice_in_dim(jnp.zeros((tp, d), f32), x, j0, 0)  # noqa: E731
-            return dq, (place(dk_w), place(dv_w))
+            add = lambda total, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                total, jax.lax.dynamic_slice_in_dim(total, j0, width, 0) + x, j0, 0)
+            return dq, (add(acc[0], dk_w), add(acc[1], dv_w))
         return run
 
-    dq, (dk, dv) = _over_query_blocks(_needed_blocks(segments, block), block, tile)
+    zeros = jnp.zeros((tp, d), f32)
+    dq, (dk, dv) = _over_query_blocks(_needed_blocks(segments, block), block, tile, (zeros, zeros))
     dq = jnp.moveaxis(dq, 0, 1).reshape(g, tp, d)[:, :t]
     return dq.astype(q.dtype), dk[:t].astype(k.dtype), dv[:t].astype(v.dtype)
 
