@@ -1,7 +1,7 @@
 """Train-step time of packed rows (`data.packing`) against padded rows, side by side in one process.
 
 The same pairs (several batches drawn once) go through the padded step and through packed steps with
-several row lengths (`data.pack_length`), with prefix sharing (the default) and, with `--unshared`,
+several row lengths (`data.pack_length`) and both row shapes (`data.pack_rows`: bucket, tight), with prefix sharing (the default) and, with `--unshared`,
 without it (`data.pack_share_prompt=false`); every shape is compiled first, then the variants run
 interleaved in a shuffled order per round, so machine noise hits them alike. Prints, per variant, the
 sequence tokens (a shared prompt counted in both sequences) per computed position, the median step time, and the median over rounds
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     parser.add_argument("--pack-lengths", type=int, nargs="+", default=[0, 256, 512],
                         help="data.pack_length values to time (0: the batch's bucket)")
+    parser.add_argument("--pack-rows", nargs="+", default=["bucket", "tight"], choices=["bucket", "tight"],
+                        help="data.pack_rows values to time (tight: one row per device, as long as needed)")
     parser.add_argument("--unshared", action="store_true",
                         help="also time packed rows without prefix sharing (data.pack_share_prompt=false)")
     parser.add_argument("overrides", nargs="*")
@@ -56,12 +58,14 @@ def _bench(args: argparse.Namespace) -> None:
     state, step = run_lib.compile_train_step(p, spec, kernel_params, tx)
     variants: dict[str, list] = {}
     shares = (True, False) if args.unshared else (True,)
-    for pack_length, share in [(None, None)] + [(n, s) for n in args.pack_lengths for s in shares]:
+    for rows, pack_length, share in [(None, None, None)] + [
+            (r, n, s) for r in args.pack_rows for n in args.pack_lengths for s in shares]:
         name = "padded" if pack_length is None else \
-            f"packed{'' if share else ' unshared'} (pack_length={pack_length})"
+            f"packed{'' if share else ' unshared'} {rows} (pack_length={pack_length})"
         c = cfg if pack_length is None else load_config(
             None, BASE + ["run_dir=/tmp/dpok_bench_packing", *args.overrides, "data.packing=true",
-                          f"data.pack_length={pack_length}", f"data.pack_share_prompt={share}"])
+                          f"data.pack_length={pack_length}", f"data.pack_share_prompt={share}",
+                          f"data.pack_rows={rows}"])
         batcher = run_lib._batcher(p.train_pairs, c, c.train.batch_size, c.train.seed,
                                    packing=pack_length is not None, accum=c.optim.grad_accum, mesh=p.mesh)
         variants[name] = [packing.apply_packing(next(batcher)) for _ in range(args.batches)]
@@ -90,11 +94,11 @@ def _bench(args: argparse.Namespace) -> None:
             state, _ = jax.block_until_ready(step(state, p.init_params, batch))
             times[name].append(time.perf_counter() - t0)
     base = times["padded"]
-    print(f"{'variant':34s} {'seq tokens/computed':>13s} {'median step':>12s} {'ratio to padded (q1-q3)':>26s}  shapes")
+    print(f"{'variant':42s} {'seq tokens/computed':>13s} {'median step':>12s} {'ratio to padded (q1-q3)':>26s}  shapes")
     for name in variants:
         ratios = sorted(t / b for t, b in zip(times[name], base))
         q = statistics.quantiles(ratios, n=4)
-        print(f"{name:34s} {stats[name]['fill']:13.3f} {statistics.median(times[name]) * 1e3:10.1f}ms "
+        print(f"{name:42s} {stats[name]['fill']:13.3f} {statistics.median(times[name]) * 1e3:10.1f}ms "
               f"{statistics.median(ratios):10.3f} ({q[0]:.3f}-{q[2]:.3f})  {stats[name]['shapes']}")
 
 

@@ -191,7 +191,8 @@ def bench_case(dataset: str, shape: str, rounds: int, args, peak: dict) -> dict:
     n_batches = rounds + 1  # batch 0: the loss check and warm-up
     batcher = data_lib.PreferenceBatcher(
         train_pairs, global_batch_size=pairs_per_batch, seed=cfg.train.seed, buckets=cfg.data.buckets,
-        packing=packing, pack_share_prompt=cfg.data.pack_share_prompt)
+        packing=packing, pack_share_prompt=cfg.data.pack_share_prompt,
+        pack_rows=cfg.data.pack_rows)
     batches = [next(batcher) for _ in range(n_batches)]
     examples = [_examples(train_pairs, b) for b in batches]
     useful = [sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex)

@@ -14,6 +14,10 @@ import numpy as np
 from dpok_jax.data.tokenization import TokenizedPairs
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+# Packed row shapes (``data.pack_rows``): "bucket" rows as long as the batch's bucket, as many as
+# first-fit needs; "tight" rows, one per batch device and micro-batch, as long as they need
+# (`packing.tight_capacity`).
+PACK_ROWS = ("bucket", "tight")
 
 
 class PreferenceBatcher:
@@ -53,6 +57,9 @@ class PreferenceBatcher:
         past the largest bucket).
       pack_row_multiple: the packed row count per host is a multiple of this (the host's batch
         devices); `pack_accum`: gradient-accumulation micro-batches (rows are packed per micro-batch).
+      pack_rows: ``"bucket"`` (above) or ``"tight"``: ``pack_row_multiple`` rows per micro-batch,
+        as long as the longest of them needs rounded up to a few sizes (`packing.tight_capacity`;
+        `pack_length` is then a lower bound, and the buckets play no part).
 
     >>> import datasets
     >>> from dpok_jax.data import ByteTokenizer, tokenize_pairs
@@ -68,7 +75,7 @@ class PreferenceBatcher:
                  buckets: Sequence[int] = DEFAULT_BUCKETS, shuffle: bool = True, drop_last: bool = True,
                  process_index: int = 0, process_count: int = 1, packing: bool = False,
                  pack_row_multiple: int = 1, pack_accum: int = 1, pack_length: int = 0,
-                 pack_share_prompt: bool = True):
+                 pack_share_prompt: bool = True, pack_rows: str = "bucket"):
         if global_batch_size < 1 or global_batch_size % process_count:
             raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                              f"process_count={process_count}")
@@ -93,6 +100,9 @@ class PreferenceBatcher:
         self.packing, self.pack_row_multiple, self.pack_accum = bool(packing), int(pack_row_multiple), int(pack_accum)
         self.pack_length = int(pack_length)
         self.pack_share_prompt = bool(pack_share_prompt)
+        if pack_rows not in PACK_ROWS:
+            raise ValueError(f"pack_rows must be one of {PACK_ROWS}, got {pack_rows!r}")
+        self.pack_rows = pack_rows
         if self.packing and self.local_batch_size % self.pack_accum:
             raise ValueError(f"packing: {self.local_batch_size} pairs per host do not split into "
                              f"{self.pack_accum} micro-batches")
@@ -194,7 +204,7 @@ class PreferenceBatcher:
 
     def _pack_plan(self, rows: np.ndarray, length: int, lo: int) -> dict:
         """The ``"_pack"`` entry of a global batch's rows (the same row count on every host)."""
-        from dpok_jax.data.packing import rows_needed, shared_pair_lengths
+        from dpok_jax.data.packing import rows_needed, shared_pair_lengths, tight_capacity
 
         p, lb = self.pairs, self.local_batch_size
         prompt, chosen, rejected = (np.array([len(x[r]) for r in rows]) for x in
@@ -203,11 +213,17 @@ class PreferenceBatcher:
             lengths = shared_pair_lengths(prompt, chosen, rejected)
         else:  # one item per sequence
             lengths = np.stack([prompt + chosen, prompt + rejected], axis=1)
-        target = max(int(lengths.max()), length, self.pack_length)
-        capacity = next((b for b in self.buckets if b >= target), -(-target // 128) * 128)
         host_lengths = [lengths[h * lb:(h + 1) * lb] for h in range(self.process_count)]
-        return dict(rows=rows_needed(host_lengths, capacity, accum=self.pack_accum,
-                                     row_multiple=self.pack_row_multiple),
+        if self.pack_rows == "tight":  # one row per batch device and micro-batch, as long as needed
+            rows = self.pack_row_multiple * self.pack_accum
+            capacity = tight_capacity(host_lengths, accum=self.pack_accum,
+                                      row_multiple=self.pack_row_multiple, minimum=self.pack_length)
+        else:
+            target = max(int(lengths.max()), length, self.pack_length)
+            capacity = next((b for b in self.buckets if b >= target), -(-target // 128) * 128)
+            rows = rows_needed(host_lengths, capacity, accum=self.pack_accum,
+                               row_multiple=self.pack_row_multiple)
+        return dict(rows=rows,
                     capacity=capacity, pad_token_id=int(p.pad_token_id), accum=self.pack_accum,
                     pair_offset=lo, global_pairs=self.global_batch_size,
                     share_prompt=self.pack_share_prompt)
@@ -216,7 +232,7 @@ class PreferenceBatcher:
 def make_batcher(pairs: TokenizedPairs, *, batch_size: int, seed: int,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, batch_ways: int = 1, packing: bool = False,
                  accum: int = 1, pack_length: int = 0, pack_share_prompt: bool = True,
-                 process_index: int | None = None, process_count: int | None = None) -> PreferenceBatcher:
+                 pack_rows: str = "bucket", process_index: int | None = None, process_count: int | None = None) -> PreferenceBatcher:
     """This host's `PreferenceBatcher` for a run: `batch_size` rows per global batch, this process's
     slice of it (JAX's process index and count unless given).
 
@@ -224,7 +240,7 @@ def make_batcher(pairs: TokenizedPairs, *, batch_size: int, seed: int,
     any cached reference values): each host's row count is a multiple of its batch devices
     (`batch_ways`, the mesh's data x fsdp, over the processes) and rows are packed per
     gradient-accumulation micro-batch (`accum`), a pair's prompt shared by its two responses unless
-    `pack_share_prompt` is false.
+    `pack_share_prompt` is false, in rows of the `pack_rows` shape (`PACK_ROWS`).
 
     >>> import datasets
     >>> from dpok_jax.data import ByteTokenizer, tokenize_pairs
@@ -241,4 +257,4 @@ def make_batcher(pairs: TokenizedPairs, *, batch_size: int, seed: int,
         pairs, global_batch_size=batch_size, seed=seed, buckets=buckets,
         process_index=process_index, process_count=process_count, packing=packing,
         pack_row_multiple=max(1, batch_ways // process_count), pack_accum=accum,
-        pack_length=pack_length, pack_share_prompt=pack_share_prompt)
+        pack_length=pack_length, pack_share_prompt=pack_share_prompt, pack_rows=pack_rows)

@@ -91,12 +91,24 @@ def shared_pair_lengths(prompt_lengths, chosen_lengths, rejected_lengths) -> np.
     return 2 * p + np.asarray(chosen_lengths) + np.asarray(rejected_lengths) - shared_prefix(p)
 
 
+def size_class(units: int) -> int:
+    """The smallest of a few sizes >= ``units`` (every count up to 8, then about 1.125x apart: 9,
+    11, 13, 15, 17, 20, 23, ...), so a run compiles the step for a handful of shapes only.
+
+    >>> [size_class(n) for n in (1, 8, 9, 10, 12, 18)]
+    [1, 8, 9, 11, 13, 20]
+    """
+    size = 1
+    while size < units:
+        size = max(size + 1, int(np.ceil(size * 1.125)))
+    return size
+
+
 def rows_needed(host_lengths: list[np.ndarray], capacity: int, *, accum: int = 1,
                 row_multiple: int = 1) -> int:
     """Rows per process for a global batch: the most any process's micro-batch needs, times
     `accum`, rounded up to a multiple of `row_multiple` (its batch devices times `accum`) and then to
-    one of a few sizes (every count up to 8 units, then about 1.125x apart), so a run compiles the
-    step for a handful of shapes only.
+    one of a few sizes (`size_class` of the units).
 
     Args:
       host_lengths: per process, its pairs' (chosen, rejected) sequence lengths, int [b, 2], or
@@ -107,10 +119,31 @@ def rows_needed(host_lengths: list[np.ndarray], capacity: int, *, accum: int = 1
                     for lengths in host_lengths for lens in _micro_lengths(np.asarray(lengths), accum))
     unit = int(np.lcm(row_multiple, accum))
     units = -(-per_micro * accum // unit)
-    size = 1
-    while size < units:
-        size = max(size + 1, int(np.ceil(size * 1.125)))
-    return size * unit
+    return size_class(units) * unit
+
+
+def tight_capacity(host_lengths: list[np.ndarray], *, accum: int = 1, row_multiple: int = 1,
+                   minimum: int = 0, unit: int = 128) -> int:
+    """The row length of **tight** rows (``data.pack_rows: tight``): each micro-batch of each process
+    gets ``row_multiple`` rows (one per batch device), and the length is the shortest `size_class`
+    multiple of ``unit`` (at least ``minimum``) into which first-fit decreasing packs every one of
+    them. Padding is then at most the rounding (about 12% past 8 units) plus what first-fit leaves,
+    where bucket-length rows leave up to a whole row empty. `host_lengths` as in `rows_needed`.
+
+    >>> tight_capacity([np.array([300, 500, 200])])  # 1000 positions -> 8 units of 128
+    1024
+    >>> tight_capacity([np.array([300, 500, 200, 700])])  # 1700 -> 14 units -> size class 15
+    1920
+    >>> tight_capacity([np.array([300, 500, 200, 700])], row_multiple=2)  # two rows: 900 + 800
+    1024
+    """
+    micro = [lens for lengths in host_lengths for lens in _micro_lengths(np.asarray(lengths), accum)]
+    longest = max(int(np.max(m)) for m in micro)
+    fewest = max(-(-int(np.sum(m)) // row_multiple) for m in micro)  # perfectly balanced rows
+    units = size_class(-(-max(longest, fewest, int(minimum), 1) // unit))
+    while not all(len(first_fit_decreasing(m, units * unit)) <= row_multiple for m in micro):
+        units = size_class(units + 1)
+    return units * unit
 
 
 def pack_batch(batch: dict, *, rows: int, capacity: int, pad_token_id: int, accum: int = 1,

@@ -135,7 +135,8 @@ def _batcher(pairs, cfg: config_lib.Config, batch_size: int, seed: int, *, packi
     return data_lib.make_batcher(pairs, batch_size=batch_size, seed=seed, buckets=cfg.data.buckets,
                                  batch_ways=mesh.shape["data"] * mesh.shape["fsdp"], packing=packing,
                                  accum=accum, pack_length=cfg.data.pack_length,
-                                 pack_share_prompt=cfg.data.pack_share_prompt)
+                                 pack_share_prompt=cfg.data.pack_share_prompt,
+                                 pack_rows=cfg.data.pack_rows)
 
 
 def fit_kernel(p: Prepared, spec: StepSpec, stop: StopRequest | None = None) -> dict | None:

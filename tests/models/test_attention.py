@@ -215,3 +215,28 @@ def test_cpu_vector_masks_take_the_tiled_path_also_on_a_mesh():
     np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)
     for a, b in zip(sharded[1], plain[1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [64, 32], ids=["unrolled", "scanned"])
+def test_tiled_causal_in_a_differentiated_layer_scan_stores_no_per_tile_masks(block):
+    """In a model the mask vectors are the same for every layer. Differentiating a layer scan,
+    JAX hoists what depends on loop-invariant values alone out of the loop; without tying the
+    vectors to the queries that was every tile's mask and fill, stacked over all (row, head, query
+    block) tiles (hundreds of MiB per layer at 4096 positions). The gradient's jaxpr then carries
+    only the custom VJP's residuals (q, k, v, output, log-sum-exp), never a tile-shaped array."""
+    from dpok_jax.models.attention import tiled_causal
+
+    q, k, v = _inputs(t=300, n=4, kv=2)
+    keys, seg, br, _ = _packed_rows(300)
+    w = jnp.full((2, q.shape[-1], q.shape[-1]), 0.1, jnp.float32)
+
+    def loss(x, w):
+        def layer(x, wl):
+            y = x @ wl
+            return tiled_causal(y, y[:, :, :2], y[:, :, 2:], keys, seg, br, block=block), ()
+        return jnp.sum(jax.lax.scan(layer, x, w)[0])
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, w).jaxpr
+    tile_shaped = [str(v.aval) for e in jaxpr.eqns for v in e.outvars
+                   if len(v.aval.shape) >= 4 and block in v.aval.shape[-2:]]  # stacked tiles
+    assert not tile_shaped, tile_shaped[:5]

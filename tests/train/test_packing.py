@@ -174,6 +174,32 @@ def test_rows_needed_agree_across_hosts_and_round_to_few_sizes():
         packing.first_fit_decreasing(np.array([97]), 96)
 
 
+def test_tight_rows_are_one_per_device_and_micro_batch_and_as_short_as_first_fit_allows():
+    """``data.pack_rows: tight``: every process's micro-batches fit first-fit decreasing into
+    ``row_multiple`` rows of the planned length, a multiple of 128 on the `size_class` ladder, and
+    the next shorter size on the ladder would not hold them; hosts agree (global lengths)."""
+    rng = np.random.default_rng(1)
+    ladder = [packing.size_class(n) for n in range(1, 80)]
+    for trial in range(200):
+        hosts, accum, multiple = int(rng.integers(1, 3)), int(rng.choice([1, 2])), int(rng.choice([1, 2, 4]))
+        lengths = [rng.integers(5, 700, 4 * accum) for _ in range(hosts)]
+        minimum = int(rng.choice([0, 1024]))
+        cap = packing.tight_capacity(lengths, accum=accum, row_multiple=multiple, minimum=minimum)
+        assert cap % 128 == 0 and cap // 128 in ladder and cap >= minimum
+        micro = [m for h in lengths for m in packing._micro_lengths(h, accum)]
+        assert all(len(packing.first_fit_decreasing(m, cap)) <= multiple for m in micro)
+        shorter = max([n for n in ladder if n < cap // 128], default=0) * 128
+        if shorter >= max(minimum, max(int(m.max()) for m in micro)):
+            assert any(len(packing.first_fit_decreasing(m, shorter)) > multiple for m in micro)
+        # One device: no more positions than bucket rows (the smallest power of two holding the
+        # longest pair), but for the rounding. (With more devices than a micro-batch's rows need,
+        # tight rows are one per device by design.)
+        bucket = 1 << int(np.ceil(np.log2(max(int(m.max()) for m in micro))))
+        bucket_positions = packing.rows_needed(lengths, bucket, accum=accum, row_multiple=multiple) * bucket
+        if minimum == 0 and multiple == 1:
+            assert cap * multiple * accum <= 1.13 * bucket_positions + 128 * multiple * accum
+
+
 def _loss_and_grads(p, cfg, batch_np, perturb=0.02):
     spec = run_lib.step_spec(cfg)
     kernel_params = run_lib.fit_kernel(p, spec)
@@ -196,13 +222,19 @@ def _loss_and_grads(p, cfg, batch_np, perturb=0.02):
 ], ids=["hmk-kl-sft", "rbf-wasserstein-mean"])
 @pytest.mark.parametrize("share", [True, pytest.param(False, marks=pytest.mark.slow)],
                          ids=["shared", "unshared"])  # unshared: slow (CI time); the layout test covers it
-def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra, share):
-    cfg = _cfg(tmp_path, *extra, "data.packing=true", f"data.pack_share_prompt={share}")
+@pytest.mark.parametrize("rows", ["tight", "bucket"])
+def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra, share, rows):
+    cfg = _cfg(tmp_path, *extra, "data.packing=true", f"data.pack_share_prompt={share}",
+               f"data.pack_rows={rows}")
     p = run_lib.prepare(cfg, devices=jax.devices()[:1])
     planned = next(run_lib._batcher(p.train_pairs, cfg, 8, 0, packing=True, mesh=p.mesh))
     padded = {k: v for k, v in planned.items() if k != "_pack"}
     packed = packing.apply_packing(planned)
     assert ("packed_branch" in packed) == share  # the setting reaches the layout
+    if rows == "tight":  # one row, longer than a 128-position block: the tiled attention runs
+        assert packed["packed_input_ids"].shape[0] == 1 and packed["packed_input_ids"].shape[1] > 128
+    else:
+        assert packed["packed_input_ids"].shape[1] == 96
     positions = int((packed["packed_segment_ids"] > 0).sum())
     tokens = int(padded["chosen_attention_mask"].sum() + padded["rejected_attention_mask"].sum())
     assert positions < tokens if share else positions == tokens
