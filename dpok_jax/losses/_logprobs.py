@@ -114,12 +114,14 @@ def _check_head(hidden: jax.Array, unembed: jax.Array, labels: jax.Array | None,
         raise ValueError(f"labels shape {labels.shape} must equal {prefix}hidden[:2] {hidden.shape[:2]}")
 
 
-def _map_chunks(fn: Callable, xs: tuple, *, chunk_size: int, remat: bool = True) -> Any:
+def _map_chunks(fn: Callable, xs: tuple, *, chunk_size: int, remat: bool = True,
+                count: jax.Array | None = None) -> Any:
     """Apply `fn` to `[B, C, ...]` slices of the `[B, T, ...]` arrays `xs`, sequentially over T.
 
     T is padded to a multiple of C (padded outputs are dropped). `remat=True` wraps `fn` in
     `jax.checkpoint`, so reverse mode keeps only each chunk's inputs and recomputes its `[B, C, V]`
-    intermediates chunk by chunk.
+    intermediates chunk by chunk. With `count` (B = 1), chunks starting at or past position `count`
+    are skipped by `lax.cond` (their outputs are zeros), forward and backward.
     """
     chunk_size = int(chunk_size)
     if chunk_size < 1:
@@ -139,6 +141,12 @@ def _map_chunks(fn: Callable, xs: tuple, *, chunk_size: int, remat: bool = True)
     body = lambda args: fn(*args)  # noqa: E731
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
+    if count is not None:  # chunks from position `count` on hold nothing: skip them
+        compute = body
+        zeros = lambda args: jax.tree.map(  # noqa: E731
+            lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(compute, args))
+        body = lambda ia: jax.lax.cond(ia[0] * c < count, compute, zeros, ia[1])  # noqa: E731
+        return jax.tree.map(merge, jax.lax.map(body, (jnp.arange(n), tuple(split(x) for x in xs))))
     return jax.tree.map(merge, jax.lax.map(body, tuple(split(x) for x in xs)))
 
 
@@ -152,6 +160,7 @@ def chunked_logps_and_divergence(
     ref_topk: tuple[jax.Array, jax.Array] | None = None,
     divergence: str | None = None,
     chunk_size: int = 128,
+    mask: jax.Array | None = None,
     **div_params: Any,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Policy (and reference) per-token log-probs and per-position divergences in one chunked pass.
@@ -172,6 +181,12 @@ def chunked_logps_and_divergence(
       ref_topk: (indices [B, T, k] int, logps [B, T, k]) of a precomputed reference, or None.
       divergence: a divergence name, or None for no divergence.
       chunk_size: positions per chunk (T need not be a multiple).
+      mask: [B, T] positions whose values are used (the label positions), or None for all. With a
+        mask only those positions are computed: they are gathered to the front (a stable sort) and
+        processed ``B * chunk_size`` at a time, chunks past the last one skipped by `lax.cond`, so
+        the vocabulary matmuls grow with the label positions (a packed HH-RLHF row is about half
+        prompt), not with ``B × T``. Every output is 0 where `mask` is 0; values and gradients
+        elsewhere are the unmasked computation's.
       **div_params: the divergence's hyperparameters (e.g. `order`, `f`, `cost_embeddings`).
 
     Returns:
@@ -225,7 +240,21 @@ def chunked_logps_and_divergence(
             out["div"] = _divergences.topk_divergence(divergence, pol_logits, ref[0], ref[1], **div_params)
         return out
 
-    out = _map_chunks(chunk, tuple(xs), chunk_size=chunk_size)
+    if mask is None:
+        out = _map_chunks(chunk, tuple(xs), chunk_size=chunk_size)
+        return out["pol"], out.get("ref"), out.get("div")
+    b, t = labels.shape
+    if mask.shape != (b, t):
+        raise ValueError(f"mask shape {mask.shape} must be [B, T] = {(b, t)}")
+    n = b * t
+    flat = mask.reshape(n).astype(bool)
+    order = jnp.argsort(~flat, stable=True)  # masked positions first, in order
+    count = jnp.sum(flat)
+    packed = tuple(x.reshape(n, *x.shape[2:])[order][None] for x in xs)  # [1, n, ...]
+    out = _map_chunks(chunk, packed, chunk_size=b * int(chunk_size), count=count)
+    live = jnp.arange(n) < count  # a skipped chunk's zeros, and the unmasked tail of the last one
+    out = {k: jnp.zeros((n,), v.dtype).at[order].set(jnp.where(live, v[0], 0)).reshape(b, t)
+           for k, v in out.items()}
     return out["pol"], out.get("ref"), out.get("div")
 
 

@@ -214,7 +214,7 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
         fused = None if divergence == "wasserstein" else divergence
         pol_tok, ref_tok, div = losses.chunked_logps_and_divergence(
             hidden[:, :-1], unembed, labels, ref_hidden=ref_hidden[:, :-1], ref_unembed=ref_unembed,
-            divergence=fused, chunk_size=spec.chunk_size, **(div_kwargs if fused else {}),
+            divergence=fused, chunk_size=spec.chunk_size, mask=mask, **(div_kwargs if fused else {}),
         )
         if divergence == "wasserstein":
             div, converged = losses.masked_divergence(
@@ -234,7 +234,7 @@ def _forward_pairs(fns: ModelFns, spec: StepSpec, trainable, ref_params, batch):
                              (batch["ref_topk_indices"], batch["ref_topk_logps"]))
         pol_tok, _, div = losses.chunked_logps_and_divergence(
             hidden[:, :-1], unembed, labels, ref_topk=ref_topk, divergence=divergence,
-            chunk_size=spec.chunk_size, **div_kwargs,
+            chunk_size=spec.chunk_size, mask=mask, **div_kwargs,
         )
         ref_seq = jnp.concatenate([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
     pol_seq = lay.sequence_logps(pol_tok, spec.logp_reduction)

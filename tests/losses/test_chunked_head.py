@@ -93,6 +93,63 @@ def test_precomputed_topk_mode_equals_naive(x64):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 64])
+def test_masked_head_computes_only_masked_positions_and_equals_naive(x64, chunk_size):
+    """``mask=``: outputs are the naive head's where the mask is set and 0 elsewhere, values and
+    gradients (live reference with a divergence, and a precomputed top-k reference); positions
+    outside the mask get no gradient; only ceil(count / (B * chunk_size)) chunks are computed."""
+    h, w, rh, rw, y = _inputs(6)
+    mask = jnp.asarray(np.random.default_rng(0).random((B, T)) < 0.4)
+    assert 0 < int(mask.sum()) < B * T
+    m = mask.astype(h.dtype)
+    wt = jnp.linspace(0.5, 1.5, B * T).reshape(B, T)
+    idx, lps = losses.topk_reference(rh, rw, k=4, chunk_size=3)
+
+    def masked(h, w, topk=False):
+        ref = dict(ref_topk=(idx, lps)) if topk else dict(ref_hidden=rh, ref_unembed=rw)
+        pol, r, div = losses.chunked_logps_and_divergence(h, w, y, divergence="js", chunk_size=chunk_size,
+                                                          mask=mask, **ref)
+        return jnp.sum(wt * pol) + jnp.sum(wt * div) + (0.0 if r is None else 0.3 * jnp.sum(wt * r)), (pol, r, div)
+
+    def naive(h, w, topk=False):
+        pol = losses.token_logps(h @ w, y)
+        if topk:
+            r, div = None, losses.topk_divergence("js", h @ w, idx, lps)
+        else:
+            r, div = losses.token_logps(rh @ rw, y), losses.divergence("js", h @ w, rh @ rw)
+        out = (pol * m, None if r is None else r * m, div * m)
+        return jnp.sum(wt * out[0]) + jnp.sum(wt * out[2]) + (0.0 if r is None else 0.3 * jnp.sum(wt * out[1])), out
+
+    for topk in (False, True):
+        (v1, o1), g1 = jax.value_and_grad(masked, (0, 1), has_aux=True)(h, w, topk)
+        (v2, o2), g2 = jax.value_and_grad(naive, (0, 1), has_aux=True)(h, w, topk)
+        for a, b in zip(o1, o2):
+            if b is not None:
+                np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+                assert np.all(np.asarray(a)[~np.asarray(mask)] == 0)
+        for a, b in zip(g1, g2):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        assert np.all(np.asarray(g1[0])[~np.asarray(mask)] == 0)
+    check_grads(lambda h, w: masked(h, w)[0], (h, w), order=1, modes=["rev"])
+
+
+def test_masked_head_skips_chunks_past_the_masked_positions(x64):
+    """Chunks holding only unmasked positions are never computed: a NaN hidden state there (two
+    chunks of B * 1 positions hold the 4 masked ones) leaves values and gradients finite, where
+    computing its chunk would put 0 * NaN into the unembedding's gradient."""
+    h, w, rh, rw, y = _inputs(7)
+    mask = np.zeros((B, T), bool)
+    mask[0, [1, 4]] = mask[1, [0, 6]] = True
+    h = h.at[1, 3].set(jnp.nan)
+    fn = lambda h, w: jnp.sum(losses.chunked_logps_and_divergence(  # noqa: E731
+        h, w, y, ref_hidden=rh, ref_unembed=rw, divergence="kl", chunk_size=1, mask=jnp.asarray(mask))[0])
+    value, grads = jax.value_and_grad(fn, (0, 1))(h, w)
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads)
+    dense = lambda h, w: jnp.sum(losses.chunked_logps_and_divergence(  # noqa: E731
+        h, w, y, ref_hidden=rh, ref_unembed=rw, divergence="kl", chunk_size=1)[0] * mask)
+    assert not np.isfinite(jax.grad(dense, 1)(h, w)).all()  # the check can fail
+
+
 def test_wasserstein_through_the_chunked_head():
     h, w, rh, rw, y = _inputs(4, jnp.float32)
     emb = jax.random.normal(jax.random.PRNGKey(9), (V, 3))
