@@ -324,9 +324,12 @@ UNROLL_QUERY_BLOCKS = 8  # rows of at most this many query blocks run them unrol
 def _needed_blocks(segments: jax.Array, block: int) -> jax.Array:
     """For a row padded to ``nb`` blocks: ``[nb]`` int, the key blocks (ending at query block ``i``)
     that hold every key its queries may see: all are in their segments, which start no earlier
-    than the earliest segment start in the block."""
+    than the earliest segment start in the block. Padding queries (segment 0) see no key, so
+    they do not count: a block of padding needs only its own key block."""
     nb = segments.shape[0] // block
-    earliest = jnp.min(_segment_starts(segments).reshape(nb, block), axis=1)
+    last = jnp.arange(segments.shape[0]) // block * block + block - 1  # each position's block end
+    starts = jnp.where(segments > 0, _segment_starts(segments), last)
+    earliest = jnp.min(starts.reshape(nb, block), axis=1)
     return jnp.arange(nb) + 1 - earliest // block  # 1 .. i + 1
 
 
