@@ -238,5 +238,5 @@ def test_tiled_causal_in_a_differentiated_layer_scan_stores_no_per_tile_masks(bl
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, w).jaxpr
     tile_shaped = [str(v.aval) for e in jaxpr.eqns for v in e.outvars
-                   if len(v.aval.shape) >= 4 and block in v.aval.shape[-2:]]  # stacked tiles
+                   if len(v.aval.shape) >= 5 and block in v.aval.shape[-2:]]  # [rows, H, G, block, keys]
     assert not tile_shaped, tile_shaped[:5]
