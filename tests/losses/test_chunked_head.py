@@ -97,7 +97,7 @@ def test_precomputed_topk_mode_equals_naive(x64):
 def test_masked_head_computes_only_masked_positions_and_equals_naive(x64, chunk_size):
     """``mask=``: outputs are the naive head's where the mask is set and 0 elsewhere, values and
     gradients (live reference with a divergence, and a precomputed top-k reference); positions
-    outside the mask get no gradient; only ceil(count / (B * chunk_size)) chunks are computed."""
+    outside the mask get no gradient. (That skipped chunks are not computed: the test below.)"""
     h, w, rh, rw, y = _inputs(6)
     mask = jnp.asarray(np.random.default_rng(0).random((B, T)) < 0.4)
     assert 0 < int(mask.sum()) < B * T
