@@ -114,19 +114,26 @@ def _check_head(hidden: jax.Array, unembed: jax.Array, labels: jax.Array | None,
         raise ValueError(f"labels shape {labels.shape} must equal {prefix}hidden[:2] {hidden.shape[:2]}")
 
 
-def _map_chunks(fn: Callable, xs: tuple, *, chunk_size: int, remat: bool = True,
-                count: jax.Array | None = None) -> Any:
+def _map_chunks(fn: Callable, xs: tuple, *, chunk_size: int, remat: bool = True) -> Any:
     """Apply `fn` to `[B, C, ...]` slices of the `[B, T, ...]` arrays `xs`, sequentially over T.
 
     T is padded to a multiple of C (padded outputs are dropped). `remat=True` wraps `fn` in
     `jax.checkpoint`, so reverse mode keeps only each chunk's inputs and recomputes its `[B, C, V]`
-    intermediates chunk by chunk. With `count` (B = 1), chunks starting at or past position `count`
-    are skipped by `lax.cond` (their outputs are zeros), forward and backward.
+    intermediates chunk by chunk.
     """
+    b, t, c, n, split, merge = _chunking(xs[0], chunk_size)
+    body = lambda args: fn(*args)  # noqa: E731
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    return jax.tree.map(merge, jax.lax.map(body, tuple(split(x) for x in xs)))
+
+
+def _chunking(x: jax.Array, chunk_size: int) -> tuple:
+    """(B, T, C, n, split, merge) for chunks of C positions of `[B, T, ...]` arrays like `x`."""
     chunk_size = int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"'chunk_size' must be >= 1, got {chunk_size}")
-    b, t = xs[0].shape[:2]
+    b, t = x.shape[:2]
     c = min(chunk_size, t)
     n = -(-t // c)
     pad = n * c - t
@@ -138,16 +145,82 @@ def _map_chunks(fn: Callable, xs: tuple, *, chunk_size: int, remat: bool = True,
     def merge(y):  # [n, B, C, ...] -> [B, T, ...]
         return jnp.moveaxis(y, 0, 1).reshape(b, n * c, *y.shape[3:])[:, :t]
 
-    body = lambda args: fn(*args)  # noqa: E731
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
-    if count is not None:  # chunks from position `count` on hold nothing: skip them
-        compute = body
-        zeros = lambda args: jax.tree.map(  # noqa: E731
-            lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(compute, args))
-        body = lambda ia: jax.lax.cond(ia[0] * c < count, compute, zeros, ia[1])  # noqa: E731
-        return jax.tree.map(merge, jax.lax.map(body, (jnp.arange(n), tuple(split(x) for x in xs))))
-    return jax.tree.map(merge, jax.lax.map(body, tuple(split(x) for x in xs)))
+    return b, t, c, n, split, merge
+
+
+def _inexact(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _frozen(params: dict) -> dict:
+    """A divergence's hyperparameters with their arrays under `stop_gradient` (they get no gradient)."""
+    return {k: jax.lax.stop_gradient(v) if isinstance(v, jax.Array) else v for k, v in params.items()}
+
+
+def _live_map(fn: Callable, sliced: tuple, diff: tuple, whole: Any, n_live: jax.Array) -> Any:
+    """`out[i] = fn(tuple(s[i] for s in sliced), whole)` for `i < n_live`; zeros for the other `i`.
+
+    One loop of `n_live` (traced) iterations, forward and backward, so the blocks past it cost
+    nothing. Reverse mode is a custom VJP: each live block is recomputed (rematerialized, as
+    `jax.checkpoint` would) and its cotangents are written to its slot of the sliced inputs flagged
+    in `diff` and summed, in at least float32, for the `whole` pytree. The sliced inputs not flagged
+    and every array `fn` closes over get no gradient (JAX raises if a closed-over value is being
+    differentiated). Reverse mode only.
+
+    Why not `lax.map` over `lax.cond(i < n_live, ...)` under `jax.checkpoint`: differentiating that
+    makes every residual of the cond (the `[H, V]` unembedding among them) an output of each
+    iteration, so reverse mode stacked `n` copies of the unembedding (1.8 GB of zeros and copies per
+    step on SmolLM2's 49k vocabulary).
+    """
+    n = sliced[0].shape[0]
+    out_shape = jax.eval_shape(fn, tuple(s[0] for s in sliced), whole)
+    d_idx = [k for k, d in enumerate(diff) if d]
+
+    def forward(sliced, whole, n_live):
+        def body(i, acc):
+            y = fn(tuple(s[i] for s in sliced), whole)
+            return jax.tree.map(lambda a, v: a.at[i].set(v), acc, y)
+
+        init = jax.tree.map(lambda a: jnp.zeros((n, *a.shape), a.dtype), out_shape)
+        return jax.lax.fori_loop(0, n_live, body, init)
+
+    @jax.custom_vjp
+    def run(sliced, whole, n_live):
+        return forward(sliced, whole, n_live)
+
+    def run_fwd(sliced, whole, n_live):
+        return forward(sliced, whole, n_live), (sliced, whole, n_live)
+
+    def run_bwd(res, g):
+        sliced, whole, n_live = res
+        g_leaves = [x for x in jax.tree.leaves(g) if _inexact(x)]
+
+        def body(i, carry):
+            d_sliced, d_whole = carry
+            xs = [s[i] for s in sliced]
+
+            def f(dx, wh):
+                args = list(xs)
+                for k, v in zip(d_idx, dx):
+                    args[k] = v
+                return [x for x in jax.tree.leaves(fn(tuple(args), wh)) if _inexact(x)]
+
+            _, vjp = jax.vjp(f, [xs[k] for k in d_idx], whole)
+            dx, dw = vjp([x[i] for x in g_leaves])
+            d_sliced = [a.at[i].set(v.astype(a.dtype)) for a, v in zip(d_sliced, dx)]
+            d_whole = jax.tree.map(lambda a, v: a + v.astype(a.dtype), d_whole, dw)
+            return d_sliced, d_whole
+
+        acc = lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32))  # noqa: E731
+        init = ([jnp.zeros_like(sliced[k]) for k in d_idx], jax.tree.map(acc, whole))
+        d_sliced, d_whole = jax.lax.fori_loop(0, n_live, body, init)
+        cts = [None] * len(sliced)
+        for k, v in zip(d_idx, d_sliced):
+            cts[k] = v
+        return tuple(cts), jax.tree.map(lambda v, a: v.astype(a.dtype), d_whole, whole), None
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(tuple(sliced), whole, n_live)
 
 
 def chunked_logps_and_divergence(
@@ -183,11 +256,13 @@ def chunked_logps_and_divergence(
       chunk_size: positions per chunk (T need not be a multiple).
       mask: [B, T] positions whose values are used (the label positions), or None for all. With a
         mask only those positions are computed: they are gathered to the front (a stable sort) and
-        processed ``B * chunk_size`` at a time, chunks past the last one skipped by `lax.cond`, so
-        the vocabulary matmuls grow with the label positions (a packed HH-RLHF row is about half
-        prompt), not with ``B × T``. Every output is 0 where `mask` is 0; values and gradients
-        elsewhere are the unmasked computation's.
-      **div_params: the divergence's hyperparameters (e.g. `order`, `f`, `cost_embeddings`).
+        processed ``B * chunk_size`` at a time in a loop that stops after the last one (forward and
+        backward; reverse mode through a custom VJP that recomputes each chunk), so the vocabulary
+        matmuls grow with the label positions (a packed HH-RLHF row is about half prompt), not with
+        ``B × T``. Every output is 0 where `mask` is 0; values and gradients elsewhere are the
+        unmasked computation's. Reverse-mode differentiable only (no `jax.jvp`) with a mask.
+      **div_params: the divergence's hyperparameters (e.g. `order`, `f`, `cost_embeddings`); their
+        arrays get no gradient.
 
     Returns:
       (policy_token_logps [B, T], ref_token_logps [B, T] or None, div [B, T] or None).
@@ -214,6 +289,7 @@ def chunked_logps_and_divergence(
         ref_unembed = jax.lax.stop_gradient(ref_unembed)
     if divergence is None and div_params:
         raise ValueError(f"divergence parameters {sorted(div_params)} given without a divergence")
+    div_params = _frozen(div_params)
     if divergence is not None and not live and ref_topk is None:
         raise ValueError(f"divergence {divergence!r} needs ref_hidden/ref_unembed or ref_topk")
     xs = [policy_hidden, labels]
@@ -228,8 +304,8 @@ def chunked_logps_and_divergence(
             )
         xs += [idx, jax.lax.stop_gradient(lps)]
 
-    def chunk(h, y, *ref):
-        pol_logits = _chunk_logits(h, policy_unembed)
+    def chunk(w, h, y, *ref):
+        pol_logits = _chunk_logits(h, w)
         out = {"pol": _gather_logps(pol_logits, y)}
         if live:
             ref_logits = _chunk_logits(ref[0], ref_unembed)
@@ -241,7 +317,7 @@ def chunked_logps_and_divergence(
         return out
 
     if mask is None:
-        out = _map_chunks(chunk, tuple(xs), chunk_size=chunk_size)
+        out = _map_chunks(lambda *a: chunk(policy_unembed, *a), tuple(xs), chunk_size=chunk_size)
         return out["pol"], out.get("ref"), out.get("div")
     b, t = labels.shape
     if mask.shape != (b, t):
@@ -251,9 +327,12 @@ def chunked_logps_and_divergence(
     order = jnp.argsort(~flat, stable=True)  # masked positions first, in order
     count = jnp.sum(flat)
     packed = tuple(x.reshape(n, *x.shape[2:])[order][None] for x in xs)  # [1, n, ...]
-    out = _map_chunks(chunk, packed, chunk_size=b * int(chunk_size), count=count)
-    live = jnp.arange(n) < count  # a skipped chunk's zeros, and the unmasked tail of the last one
-    out = {k: jnp.zeros((n,), v.dtype).at[order].set(jnp.where(live, v[0], 0)).reshape(b, t)
+    _, _, c, n_chunks, split, merge = _chunking(packed[0], b * int(chunk_size))
+    out = _live_map(lambda a, w: chunk(w, *a), tuple(split(x) for x in packed),
+                    (True,) + (False,) * (len(xs) - 1), policy_unembed,
+                    jnp.minimum(n_chunks, (count + c - 1) // c))
+    kept = jnp.arange(n) < count  # a skipped chunk's zeros, and the unmasked tail of the last one
+    out = {k: jnp.zeros((n,), v.dtype).at[order].set(jnp.where(kept, merge(v)[0], 0)).reshape(b, t)
            for k, v in out.items()}
     return out["pol"], out.get("ref"), out.get("div")
 
@@ -303,7 +382,8 @@ def masked_divergence(
 
     The masked positions of the `[B, T]` grid are compacted to the front (a stable sort), processed
     `block_size` at a time (`[block, V]` logits of each model, then :func:`dpok_jax.losses.divergence`),
-    and scattered back. A block holding no masked position is skipped by `lax.cond`, so the work grows
+    and scattered back. The loop over blocks stops after the last masked position (forward and
+    backward, a custom VJP that recomputes each block; reverse mode only), so the work grows
     with the number of masked positions (the response tokens), not with `B × T`. Worth it for costly
     divergences (the Wasserstein penalty solves one OT problem per position; responses are usually a
     fraction of the padded sequence); cheap ones are better fused into
@@ -345,6 +425,7 @@ def masked_divergence(
         raise ValueError(f"'block_size' must be >= 1, got {block_size}")
     ref_hidden = jax.lax.stop_gradient(ref_hidden)
     ref_unembed = jax.lax.stop_gradient(ref_unembed)
+    params = _frozen(params)
     n = b * t
     bs = min(block_size, n)
     n_blocks = -(-n // bs)
@@ -353,14 +434,16 @@ def masked_divergence(
     order = jnp.argsort(~flat, stable=True)
     count = jnp.sum(flat)
     order_padded = jnp.concatenate([order, jnp.zeros((n_blocks * bs - n,), order.dtype)])
-    hp = policy_hidden.reshape(n, h)
-    hr = ref_hidden.reshape(n, h)
+    # Each block's hidden states, gathered in sorted order: [n_blocks, bs, H].
+    hp = policy_hidden.reshape(n, h)[order_padded].reshape(n_blocks, bs, h)
+    hr = ref_hidden.reshape(n, h)[order_padded].reshape(n_blocks, bs, h)
     out_dtype = _acc_dtype(policy_hidden, policy_unembed)
+    offsets = jnp.arange(n_blocks) * bs
 
-    def solve(start):
-        idx = jax.lax.dynamic_slice(order_padded, (start,), (bs,))
-        lp = _chunk_logits(hp[idx][None], policy_unembed)[0]
-        lq = _chunk_logits(hr[idx][None], ref_unembed)[0]
+    def solve(blk, w):
+        hp_i, hr_i, start = blk
+        lp = _chunk_logits(hp_i[None], w)[0]
+        lq = _chunk_logits(hr_i[None], ref_unembed)[0]
         if name == "wasserstein":
             d, ok = _divergences.divergence(name, lp, lq, return_converged=True, **params)
         else:
@@ -368,12 +451,9 @@ def masked_divergence(
         live = start + jnp.arange(bs) < count
         return jnp.where(live, d.astype(out_dtype), 0.0), jnp.where(live, ok, True)
 
-    def block(i):
-        start = i * bs
-        skip = lambda s: (jnp.zeros((bs,), out_dtype), jnp.ones((bs,), bool))  # noqa: E731
-        return jax.lax.cond(start < count, solve, skip, start)
-
-    values, converged = jax.lax.map(block, jnp.arange(n_blocks))
+    values, converged = _live_map(solve, (hp, hr, offsets), (True, False, False), policy_unembed,
+                                  (count + bs - 1) // bs)
+    converged = converged | (offsets[:, None] >= count)  # blocks past the masked positions
     values = jnp.zeros((n,), out_dtype).at[order].set(values.reshape(-1)[:n]).reshape(b, t)
     if not return_converged:
         return values

@@ -1,5 +1,7 @@
 """The chunked, rematerialized LM head equals the naive full-logits head (values and gradients)."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -148,6 +150,42 @@ def test_masked_head_skips_chunks_past_the_masked_positions(x64):
     dense = lambda h, w: jnp.sum(losses.chunked_logps_and_divergence(  # noqa: E731
         h, w, y, ref_hidden=rh, ref_unembed=rw, divergence="kl", chunk_size=1)[0] * mask)
     assert not np.isfinite(jax.grad(dense, 1)(h, w)).all()  # the check can fail
+
+
+@pytest.mark.parametrize("fill", [False, True], ids=["empty", "full"])
+def test_masked_head_with_an_empty_or_full_mask(x64, fill):
+    """No masked position: zeros and zero gradients (the loop runs no chunk); every position masked:
+    the unmasked head's values and gradients."""
+    h, w, rh, rw, y = _inputs(8)
+    mask = jnp.full((B, T), fill)
+
+    def fn(h, w, mask):
+        pol, ref, div = losses.chunked_logps_and_divergence(
+            h, w, y, ref_hidden=rh, ref_unembed=rw, divergence="kl", chunk_size=3, mask=mask)
+        return jnp.sum(pol) + jnp.sum(div) + jnp.sum(ref), (pol, ref, div)
+
+    (v1, o1), g1 = jax.value_and_grad(fn, (0, 1), has_aux=True)(h, w, mask)
+    (v2, o2), g2 = jax.value_and_grad(fn, (0, 1), has_aux=True)(h, w, None)
+    for a, b in zip(o1 + g1, o2 + g2):
+        np.testing.assert_allclose(a, b if fill else np.zeros_like(b), rtol=1e-11, atol=1e-13)
+
+
+def test_masked_head_gradient_keeps_no_per_chunk_unembedding():
+    """Reverse mode through the masked head keeps each chunk's inputs, never an ``[n_chunks, H, V]``
+    stack: skipping chunks by `lax.cond` inside a differentiated `lax.map` made every residual of the
+    cond (the unembedding among them) a per-iteration output, stacking n copies of the unembedding
+    (1.8 GB per step at SmolLM2's 49k vocabulary)."""
+    h, w, rh, rw, y = _inputs(9, jnp.float32)
+    mask = jnp.asarray(np.random.default_rng(1).random((B, T)) < 0.5)
+
+    def fn(h, w):
+        pol, _, div = losses.chunked_logps_and_divergence(
+            h, w, y, ref_hidden=rh, ref_unembed=rw, divergence="kl", chunk_size=1, mask=mask)
+        return jnp.sum(pol) + jnp.sum(div)
+
+    text = str(jax.make_jaxpr(jax.grad(fn, (0, 1)))(h, w))
+    stacks = re.findall(rf"f32\[\d+,{H},{V}\]", text)
+    assert not stacks, stacks[:3]
 
 
 def test_wasserstein_through_the_chunked_head():
