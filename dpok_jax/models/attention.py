@@ -410,7 +410,7 @@ def _tiled_backward(q, k, v, keys, segments, branch, out, lse, dout, block: int)
     """One row and H kv heads' d/dq, d/dk, d/dv from the saved output and log-sum-exp:
     ``p = exp(s - lse)`` on visible keys, ``ds = p (dout v^T - rowsum(dout * out))``, over the
     same key windows as the forward; each query block adds its d/dk and d/dv into row-sized
-    arrays (`_over_query_blocks`)."""
+    arrays (`_over_query_blocks`). d/dq is [H, G, T, D]; d/dk and d/dv are transposed, [H, D, T]."""
     h, g, t, d = q.shape
     f32 = jnp.promote_types(q.dtype, jnp.float32)
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # [H, G, T]
@@ -426,20 +426,23 @@ def _tiled_backward(q, k, v, keys, segments, branch, out, lse, dout, block: int)
             doi, lsei, deltai = (jax.lax.dynamic_slice_in_dim(x, i0, block, 2) for x in (dout, lse, delta))
             s = jnp.einsum("hgtd,hsd->hgts", qi, kw, preferred_element_type=f32) * scale
             p = jnp.where(allowed, jnp.exp(s - lsei[..., None]), 0.0)  # [H, G, block, width]
-            dv_w = jnp.einsum("hgts,hgtd->hsd", p.astype(doi.dtype), doi, preferred_element_type=f32)
+            # d/dk and d/dv come out transposed, [H, D, width]: "hgts,hgtd->hsd" contracts the tile
+            # over its leading (g, t) axes, and XLA:CPU copied every p and ds tile transposed for
+            # it (1.3x slower attention backward on the small HH rows).
+            dv_w = jnp.einsum("hgtd,hgts->hds", doi, p.astype(doi.dtype), preferred_element_type=f32)
             dp = jnp.einsum("hgtd,hsd->hgts", doi, vw, preferred_element_type=f32)
             ds = p * (dp - deltai[..., None]) * scale
             dq = jnp.einsum("hgts,hsd->hgtd", ds.astype(kw.dtype), kw, preferred_element_type=f32)
-            dk_w = jnp.einsum("hgts,hgtd->hsd", ds.astype(qi.dtype), qi, preferred_element_type=f32)
+            dk_w = jnp.einsum("hgtd,hgts->hds", qi, ds.astype(qi.dtype), preferred_element_type=f32)
             add = lambda total, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                total, jax.lax.dynamic_slice_in_dim(total, j0, width, 1) + x, j0, 1)
+                total, jax.lax.dynamic_slice_in_dim(total, j0, width, 2) + x, j0, 2)
             return dq, (add(acc[0], dk_w), add(acc[1], dv_w))
         return run
 
-    zeros = jnp.zeros((h, tp, d), f32)
+    zeros = jnp.zeros((h, d, tp), f32)
     dq, (dk, dv) = _over_query_blocks(_needed_blocks(segments, block), block, tile, (zeros, zeros))
     dq = jnp.moveaxis(dq, 0, 2).reshape(h, g, tp, d)[:, :, :t]
-    return dq.astype(q.dtype), dk[:, :t].astype(k.dtype), dv[:, :t].astype(v.dtype)
+    return dq.astype(q.dtype), dk[:, :, :t].astype(k.dtype), dv[:, :, :t].astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -457,7 +460,9 @@ def _tiled_bwd(block, residuals, dout):
     q, k, v, keys, segments, branch, out, lse = residuals
     dq, dk, dv = jax.lax.map(lambda a: _tiled_backward(*a, block),
                              (q, k, v, keys, segments, branch, out, lse, dout))
-    return dq, dk, dv, None, None, None
+    # [R, H, D, T] -> [R, H, T, D] once, outside the map (inside it, the transposed write into the
+    # map's stacked output was a copy of the whole output per row).
+    return dq, jnp.swapaxes(dk, -1, -2), jnp.swapaxes(dv, -1, -2), None, None, None
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
