@@ -222,7 +222,8 @@ def _loss_and_grads(p, cfg, batch_np, perturb=0.02):
 ], ids=["hmk-kl-sft", "rbf-wasserstein-mean"])
 @pytest.mark.parametrize("share", [True, pytest.param(False, marks=pytest.mark.slow)],
                          ids=["shared", "unshared"])  # unshared: slow (CI time); the layout test covers it
-@pytest.mark.parametrize("rows", ["tight", "bucket"])
+@pytest.mark.parametrize("rows", [pytest.param("tight", marks=pytest.mark.slow), "bucket"])  # tight: slow (CI
+# time); its plan has the property test above, its long rows' scanned attention tests/models/test_attention.py
 def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra, share, rows):
     cfg = _cfg(tmp_path, *extra, "data.packing=true", f"data.pack_share_prompt={share}",
                f"data.pack_rows={rows}")
