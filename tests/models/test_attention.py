@@ -153,15 +153,15 @@ def _packed_rows(t, seed=0):
     return keys, seg, br, allowed
 
 
-@pytest.mark.parametrize("block", [64, 32], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("block", [64, 32], ids=["exact-windows", "ladder-windows"])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
 def test_tiled_causal_equals_float64_reference(heads, block):
     """`tiled_causal` (CPU's path for vector masks) on packed rows with segments, branches and
-    padding, 300 positions in query blocks of 64 (5, unrolled; the last one short) or 32 (10, more
-    than `UNROLL_QUERY_BLOCKS`: a scan), against the float64 reference."""
-    from dpok_jax.models.attention import UNROLL_QUERY_BLOCKS, tiled_causal
+    padding, 300 positions in query tiles of 64 (key windows of at most 5 blocks, all exact) or 32
+    (up to 10 blocks: past `EXACT_WINDOWS`, the 1.5x ladder), against the float64 reference."""
+    from dpok_jax.models.attention import EXACT_WINDOWS, tiled_causal
 
-    assert (300 / block > UNROLL_QUERY_BLOCKS) == (block == 32)
+    assert (-(-300 // block) > EXACT_WINDOWS) == (block == 32)
     n, kv = heads
     q, k, v = _inputs(t=300, n=n, kv=kv)
     keys, seg, br, allowed = _packed_rows(300)
@@ -171,6 +171,28 @@ def test_tiled_causal_equals_float64_reference(heads, block):
     assert not rows.all() and rows.sum() > 800  # padding rows see nothing, the rest do
     np.testing.assert_allclose(got[rows], ref[rows], rtol=1e-5, atol=1e-5)
     assert np.isfinite(got).all()
+
+
+def test_tiled_causal_query_tiles_start_at_long_segments():
+    """Query tiles restart at each segment of at least a block (so its queries never read the
+    previous segment's keys) and after padding; shorter segments ride the current run's tiles. A
+    tile's key window reaches back to its first query's segment start in whole blocks, rounded up
+    the width ladder; padding gets no tile, and the count is the row's tiles, not the grid's."""
+    from dpok_jax.models.attention import _query_tiles, _window_widths
+
+    def tiles(seg, block, widths):
+        i0, size, choice, count = _query_tiles(jnp.asarray(seg), block, widths)
+        n = int(count)
+        return (np.asarray(i0[:n]).tolist(), np.asarray(size[:n]).tolist(),
+                [widths[c] for c in np.asarray(choice[:n])])
+
+    widths = _window_widths(6)
+    assert tiles([1] * 5 + [2] * 3 + [0] * 2 + [3], 2, widths) == (
+        [0, 2, 4, 5, 7, 10], [2, 2, 1, 2, 1, 1], [1, 2, 3, 1, 2, 1])
+    # segment 2 (3 < 4 positions) rides segment 1's tiles; its tile reads back to its own start
+    assert tiles([1] * 3 + [2] * 3 + [3] * 4, 4, _window_widths(3)) == ([0, 4, 6], [4, 2, 4], [1, 2, 1])
+    _, _, w = tiles(np.ones(40, np.int32), 2, (1, 2, 3, 4, 6, 9, 13, 19, 20))
+    assert w == [1, 2, 3, 4, 6, 6, 9, 9, 9, 13, 13, 13, 13, 19, 19, 19, 19, 19, 19, 20]
 
 
 def test_tiled_causal_gradients_check_grads():
@@ -185,7 +207,7 @@ def test_tiled_causal_gradients_check_grads():
         q, k, v = (x.astype(np.float64) for x in _inputs(t=40, n=4, kv=2, d=4, seed=5))
         keys, seg, br, allowed = _packed_rows(40)
         visible = jnp.asarray(allowed.any(-1))[:, :, None, None]
-        for block in (16, 4):  # 3 query blocks unrolled; 10 in a scan
+        for block in (16, 4):  # windows of up to 3 blocks; up to 10 (the ladder past EXACT_WINDOWS)
             f = lambda q, k, v: jnp.where(visible, tiled_causal(q, k, v, keys, seg, br, block=block), 0.0)  # noqa: E731
             check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
