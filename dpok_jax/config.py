@@ -75,11 +75,12 @@ class DataSection:
     # it (attention masked per branch), so a pair costs n_x + n_y+ + n_y- + 1 positions, not 2 n_x +
     # n_y+ + n_y-. The same results; the row length then holds the batch's longest pair.
     pack_share_prompt: bool = True
-    # Packed row shapes: "bucket" (rows of the bucket length, as many as first-fit needs) or "tight"
+    # Packed row shapes: "bucket" (rows of the bucket length, as many as first-fit needs), "tight"
     # (one row per batch device and micro-batch, as long as its pairs need, rounded up to a few
     # sizes: the least padding, but on GPU/TPU attention kernels cover a row's whole causal
-    # triangle, so only the CPU's tiled attention, which skips other segments' keys, can gain).
-    pack_rows: str = "bucket"
+    # triangle, so only the CPU's tiled attention, which skips other segments' keys, gains), or
+    # "auto": tight on CPU, bucket elsewhere.
+    pack_rows: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -323,8 +324,8 @@ def validate(cfg: Config) -> Config:
     if cfg.data.pack_length < 0 or cfg.data.pack_length > max(cfg.data.buckets):
         raise ValueError(f"config data.pack_length={cfg.data.pack_length}: must be in [0, the largest "
                          f"bucket {max(cfg.data.buckets)}] (0 packs into the batch's bucket length)")
-    if cfg.data.pack_rows not in ("bucket", "tight"):
-        raise ValueError(f"config data.pack_rows={cfg.data.pack_rows!r}: must be bucket or tight")
+    if cfg.data.pack_rows not in ("auto", "bucket", "tight"):
+        raise ValueError(f"config data.pack_rows={cfg.data.pack_rows!r}: must be auto, bucket or tight")
     if max(cfg.data.buckets) < cfg.data.max_length:
         raise ValueError(
             f"config data.buckets={cfg.data.buckets}: the largest bucket must be >= "

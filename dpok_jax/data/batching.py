@@ -16,8 +16,24 @@ from dpok_jax.data.tokenization import TokenizedPairs
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 # Packed row shapes (``data.pack_rows``): "bucket" rows as long as the batch's bucket, as many as
 # first-fit needs; "tight" rows, one per batch device and micro-batch, as long as they need
-# (`packing.tight_capacity`).
-PACK_ROWS = ("bucket", "tight")
+# (`packing.tight_capacity`); "auto" (`resolve_pack_rows`).
+PACK_ROWS = ("auto", "bucket", "tight")
+
+
+def resolve_pack_rows(pack_rows: str, platform: str | None = None) -> str:
+    """``"auto"`` -> ``"tight"`` on CPU, whose tiled attention skips other segments' keys, and
+    ``"bucket"`` elsewhere (GPU/TPU attention kernels cover a row's whole causal triangle, which
+    grows with the square of the row length); other values unchanged. ``platform`` defaults to
+    `jax.default_backend`."""
+    if pack_rows not in PACK_ROWS:
+        raise ValueError(f"pack_rows must be one of {PACK_ROWS}, got {pack_rows!r}")
+    if pack_rows != "auto":
+        return pack_rows
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return "tight" if platform == "cpu" else "bucket"
 
 
 class PreferenceBatcher:
@@ -59,7 +75,8 @@ class PreferenceBatcher:
         devices); `pack_accum`: gradient-accumulation micro-batches (rows are packed per micro-batch).
       pack_rows: ``"bucket"`` (above) or ``"tight"``: ``pack_row_multiple`` rows per micro-batch,
         as long as the longest of them needs rounded up to a few sizes (`packing.tight_capacity`;
-        `pack_length` is then a lower bound, and the buckets play no part).
+        `pack_length` is then a lower bound, and the buckets play no part), or ``"auto"`` (the
+        default): `resolve_pack_rows` on JAX's default backend, tight on CPU, bucket elsewhere.
 
     >>> import datasets
     >>> from dpok_jax.data import ByteTokenizer, tokenize_pairs
@@ -75,7 +92,7 @@ class PreferenceBatcher:
                  buckets: Sequence[int] = DEFAULT_BUCKETS, shuffle: bool = True, drop_last: bool = True,
                  process_index: int = 0, process_count: int = 1, packing: bool = False,
                  pack_row_multiple: int = 1, pack_accum: int = 1, pack_length: int = 0,
-                 pack_share_prompt: bool = True, pack_rows: str = "bucket"):
+                 pack_share_prompt: bool = True, pack_rows: str = "auto"):
         if global_batch_size < 1 or global_batch_size % process_count:
             raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                              f"process_count={process_count}")
@@ -102,7 +119,7 @@ class PreferenceBatcher:
         self.pack_share_prompt = bool(pack_share_prompt)
         if pack_rows not in PACK_ROWS:
             raise ValueError(f"pack_rows must be one of {PACK_ROWS}, got {pack_rows!r}")
-        self.pack_rows = pack_rows
+        self.pack_rows = resolve_pack_rows(pack_rows) if self.packing else pack_rows
         if self.packing and self.local_batch_size % self.pack_accum:
             raise ValueError(f"packing: {self.local_batch_size} pairs per host do not split into "
                              f"{self.pack_accum} micro-batches")
@@ -232,7 +249,7 @@ class PreferenceBatcher:
 def make_batcher(pairs: TokenizedPairs, *, batch_size: int, seed: int,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, batch_ways: int = 1, packing: bool = False,
                  accum: int = 1, pack_length: int = 0, pack_share_prompt: bool = True,
-                 pack_rows: str = "bucket", process_index: int | None = None, process_count: int | None = None) -> PreferenceBatcher:
+                 pack_rows: str = "auto", process_index: int | None = None, process_count: int | None = None) -> PreferenceBatcher:
     """This host's `PreferenceBatcher` for a run: `batch_size` rows per global batch, this process's
     slice of it (JAX's process index and count unless given).
 

@@ -170,3 +170,23 @@ def test_evaluation_pass_covers_fewer_pairs_than_a_batch(n, batch, count):
     for h in hosts:
         for b in h:
             assert b["chosen_input_ids"].shape[0] == batch // count
+
+
+def test_pack_rows_auto_is_tight_on_cpu_and_bucket_on_accelerators(pairs):
+    """``data.pack_rows: auto`` (the default): tight rows where the tiled attention skips other
+    segments' keys (CPU), bucket rows where attention kernels cover the whole row (GPU, TPU)."""
+    import jax
+
+    from dpok_jax.config import DataSection
+    from dpok_jax.data.batching import resolve_pack_rows
+
+    assert DataSection().pack_rows == "auto"
+    assert resolve_pack_rows("auto", "cpu") == "tight"
+    assert resolve_pack_rows("auto", "gpu") == resolve_pack_rows("auto", "tpu") == "bucket"
+    assert resolve_pack_rows("bucket", "cpu") == "bucket"
+    with pytest.raises(ValueError, match="pack_rows"):
+        resolve_pack_rows("tigth")
+    batcher = PreferenceBatcher(pairs, global_batch_size=8, seed=0, packing=True)
+    assert batcher.pack_rows == ("tight" if jax.default_backend() == "cpu" else "bucket")
+    with pytest.raises(ValueError, match="pack_rows"):
+        PreferenceBatcher(pairs, global_batch_size=8, seed=0, pack_rows="rows")

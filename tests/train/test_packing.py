@@ -222,8 +222,8 @@ def _loss_and_grads(p, cfg, batch_np, perturb=0.02):
 ], ids=["hmk-kl-sft", "rbf-wasserstein-mean"])
 @pytest.mark.parametrize("share", [True, pytest.param(False, marks=pytest.mark.slow)],
                          ids=["shared", "unshared"])  # unshared: slow (CI time); the layout test covers it
-@pytest.mark.parametrize("rows", [pytest.param("tight", marks=pytest.mark.slow), "bucket"])  # tight: slow (CI
-# time); its plan has the property test above, its long rows' scanned attention tests/models/test_attention.py
+@pytest.mark.parametrize("rows", ["auto", pytest.param("bucket", marks=pytest.mark.slow)])  # auto: tight on CPU;
+# bucket (GPU/TPU's auto): slow (CI time); its plan has the tests above
 def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra, share, rows):
     cfg = _cfg(tmp_path, *extra, "data.packing=true", f"data.pack_share_prompt={share}",
                f"data.pack_rows={rows}")
@@ -232,7 +232,7 @@ def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra
     padded = {k: v for k, v in planned.items() if k != "_pack"}
     packed = packing.apply_packing(planned)
     assert ("packed_branch" in packed) == share  # the setting reaches the layout
-    if rows == "tight":  # one row, longer than a 128-position block: the tiled attention runs
+    if rows == "auto":  # CPU: tight, one row, longer than a 128-position block: the tiled attention runs
         assert packed["packed_input_ids"].shape[0] == 1 and packed["packed_input_ids"].shape[1] > 128
     else:
         assert packed["packed_input_ids"].shape[1] == 96
