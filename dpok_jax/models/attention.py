@@ -357,7 +357,7 @@ def _over_tiles(segments: jax.Array, block: int, nb: int, tile, put, acc, out):
     traced count: the work follows the row's real positions). One loop with a `jax.lax.switch`
     over the widths instead copied the carried d/dk and d/dv into and out of the switch for every
     tile (XLA:CPU does not update a conditional's operands in place): at one 4992-position row,
-    the attention backward took 1.13x as long."""
+    forward + backward took 111 ms against 105 ms grouped."""
     widths = _window_widths(nb)
     i0, size, choice, count = _query_tiles(segments, block, widths)
     choice = jnp.where(jnp.arange(choice.shape[0]) < count, choice, len(widths))  # unused: last
