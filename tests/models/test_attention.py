@@ -173,6 +173,59 @@ def test_tiled_causal_equals_float64_reference(heads, block):
     assert np.isfinite(got).all()
 
 
+def _shared_row(layout, t):
+    """One packed row of prefix-shared pairs: ``layout`` lists (prompt, chosen, rejected) lengths
+    (a pair without a prompt has no branch 0), then padding to ``t``. Returns segment and branch
+    ids ``[1, t]`` and the ``[1, t, t]`` mask."""
+    seg, br = np.zeros(t, np.int32), np.zeros(t, np.int32)
+    at = 0
+    for i, lengths in enumerate(layout):
+        for branch, n in enumerate(lengths):
+            seg[at:at + n], br[at:at + n] = i + 1, branch
+            at += n
+    assert at <= t
+    seg, br = seg[None], br[None]
+    allowed = ((seg[:, :, None] == seg[:, None, :]) & (seg > 0)[:, None, :] & np.tril(np.ones((t, t), bool))
+               & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])))
+    return seg, br, allowed
+
+
+# Rejected branches that start inside the chosen branch's last block (short chosen), a prompt
+# shorter than a block, long and short branches, a pair without a prompt, short pairs riding a
+# long pair's tiles, a single-token rejected branch, and segments longer than the width ladder's
+# exact part (8 blocks of 64).
+_LAYOUTS = [[(40, 5, 150), (3, 130, 140), (130, 2, 3), (0, 50, 70), (10, 4, 4), (6, 3, 1)],
+            [(70, 70, 70), (1, 1, 200), (64, 64, 64)], [(300, 200, 250), (3, 3, 3)]]
+
+
+@pytest.mark.parametrize("layout", range(len(_LAYOUTS)))
+def test_tiled_causal_prefix_shared_rows_equal_float64_reference(layout):
+    """Prefix-shared pairs of many shapes in one row (query tiles anchored at long segments,
+    short pairs riding them, branches starting inside a block): outputs against the float64
+    reference, gradients against plain masked attention."""
+    from dpok_jax.models.attention import tiled_causal
+
+    t = 800
+    seg, br, allowed = _shared_row(_LAYOUTS[layout], t)
+    q, k, v = _inputs(b=1, t=t, n=4, kv=2, d=8, seed=layout)
+    keys = seg > 0
+    got = np.asarray(jax.jit(lambda *a: tiled_causal(*a, block=64))(q, k, v, keys, seg, br))
+    ref = _reference(q, k, v, allowed)
+    rows = ~np.isnan(ref[..., 0, 0])
+    np.testing.assert_allclose(got[rows], ref[rows], rtol=1e-5, atol=1e-5)
+    w = np.random.default_rng(2).standard_normal(q.shape).astype(np.float32) * rows[:, :, None, None]
+
+    def plain(q, k, v):
+        kk, vv = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        s = jnp.einsum("btnd,bsnd->bnts", q, kk) / np.sqrt(q.shape[-1])
+        return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(jnp.where(allowed[:, None], s, -1e30), -1), vv)
+
+    grads = [jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), (0, 1, 2)))(q, k, v)
+             for f in (lambda q, k, v: tiled_causal(q, k, v, keys, seg, br, block=64), plain)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_tiled_causal_query_tiles_start_at_long_segments():
     """Query tiles restart at each segment of at least a block (so its queries never read the
     previous segment's keys) and after padding; shorter segments ride the current run's tiles. A
