@@ -324,12 +324,12 @@ def _query_tiles(segments: jax.Array, block: int, widths: tuple[int, ...]):
     t = segments.shape[0]
     pos = jnp.arange(t)
     real = segments > 0
-    changes = jnp.concatenate([jnp.ones((1,), bool), segments[1:] != segments[:-1]])
-    begins = real & changes  # each segment's first position
+    differs, edge = segments[1:] != segments[:-1], jnp.ones((1,), bool)
+    begins = real & jnp.concatenate([edge, differs])  # each segment's first position
     seg_start = jax.lax.cummax(jnp.where(begins, pos, 0), axis=0)
-    last = jnp.concatenate([segments[1:] != segments[:-1], jnp.ones((1,), bool)])
+    last = jnp.concatenate([differs, edge])
     seg_end = jax.lax.cummin(jnp.where(last, pos + 1, t), axis=0, reverse=True)  # end of each run
-    after_padding = jnp.concatenate([jnp.ones((1,), bool), ~real[:-1]])
+    after_padding = jnp.concatenate([edge, ~real[:-1]])
     anchor = begins & ((seg_end - pos >= block) | after_padding)
     stop = anchor | (~real & ~after_padding)  # an anchor, or padding after a real position
     stops = jnp.where(stop, pos, t)

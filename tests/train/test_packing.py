@@ -10,6 +10,7 @@ import pytest
 from dpok_jax import losses
 from dpok_jax.config import load_config
 from dpok_jax.data import packing
+from dpok_jax.data.batching import resolve_pack_rows
 from dpok_jax.train import run as run_lib
 from dpok_jax.train.loop import to_global
 from dpok_jax.train.metrics_log import read_metrics
@@ -232,7 +233,7 @@ def test_packed_loss_gradients_and_metrics_equal_the_padded_step(tmp_path, extra
     padded = {k: v for k, v in planned.items() if k != "_pack"}
     packed = packing.apply_packing(planned)
     assert ("packed_branch" in packed) == share  # the setting reaches the layout
-    if rows == "auto":  # CPU: tight, one row, longer than a 128-position block: the tiled attention runs
+    if resolve_pack_rows(rows) == "tight":  # one row, longer than a 128-position block: the tiled attention runs
         assert packed["packed_input_ids"].shape[0] == 1 and packed["packed_input_ids"].shape[1] > 128
     else:
         assert packed["packed_input_ids"].shape[1] == 96
