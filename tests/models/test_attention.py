@@ -193,9 +193,12 @@ def _shared_row(layout, t):
 # Rejected branches that start inside the chosen branch's last block (short chosen), a prompt
 # shorter than a block, long and short branches, a pair without a prompt, short pairs riding a
 # long pair's tiles, a single-token rejected branch, and segments longer than the width ladder's
-# exact part (8 blocks of 64).
+# exact part (8 blocks of 64). The rows are 768 positions (12 blocks: no padding inside
+# `tiled_causal`); the last layout fills its row with a pair that starts off the block grid, so its
+# last query tile would run past the row and starts earlier instead.
 _LAYOUTS = [[(40, 5, 150), (3, 130, 140), (130, 2, 3), (0, 50, 70), (10, 4, 4), (6, 3, 1)],
-            [(70, 70, 70), (1, 1, 200), (64, 64, 64)], [(300, 200, 250), (3, 3, 3)]]
+            [(70, 70, 70), (1, 1, 200), (64, 64, 64)], [(300, 200, 250), (3, 3, 3)],
+            [(10, 5, 5), (37, 300, 411)]]
 
 
 @pytest.mark.parametrize("layout", range(len(_LAYOUTS)))
@@ -205,7 +208,7 @@ def test_tiled_causal_prefix_shared_rows_equal_float64_reference(layout):
     reference, gradients against plain masked attention."""
     from dpok_jax.models.attention import tiled_causal
 
-    t = 800
+    t = 768
     seg, br, allowed = _shared_row(_LAYOUTS[layout], t)
     q, k, v = _inputs(b=1, t=t, n=4, kv=2, d=8, seed=layout)
     keys = seg > 0
