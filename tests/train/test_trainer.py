@@ -69,6 +69,10 @@ def test_few_step_run_writes_summary_metrics_checkpoints_and_exports(tmp_path):
     np.testing.assert_allclose(np.asarray(ours(ids, mask)), ref, atol=1e-4)
 
 
+# slow (about 1 minute: three runs' compiles): CI's default run is close to its 15 minutes, and the
+# default suite resumes exactly in test_remote_run_dir.py and across two processes in
+# test_multiprocess.py.
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     common = ["train.steps=6", "train.eval_every=0", "train.checkpoint_every=100", "sft.steps=2",
               "sft.batch_size=8", "loss.gamma=0.1", "loss.kernel=hmk"]
