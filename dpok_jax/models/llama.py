@@ -521,7 +521,16 @@ class Llama(nnx.Module):
             mask = attention_mask  # [B, S] key padding; the layers add the causal mask
         else:  # causal, within a segment (and branch), never onto padding: built per query block
             mask = (attention_mask, segment_ids, branch_ids)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_cos_sin(positions, inv_freq, dt)
+        if jax.default_backend() == "cpu":
+            # XLA:CPU fuses the tables' cos and sin into every consumer (both ropes of every layer,
+            # forward and backward), evaluating them per element of [B, T, heads, D];
+            # `optimization_barrier` is gone before fusion. A conditional's result is a buffer:
+            # both branches give the same tables (the second recomputes them), so the predicate
+            # only has to be unknown to the compiler. Small HH step 1.027x (bench/RESULTS.md).
+            cos, sin = jax.lax.cond(positions[0, 0] >= 0, lambda p, tables: tables,
+                                    lambda p, tables: rope_cos_sin(p, inv_freq, dt), positions, (cos, sin))
 
         # The lookup reads a copy of the table in the compute dtype laid out [V, H/tensor]: a gather
         # from the parameter's own (vocab, embed) layout conflicts with batch-sharded outputs and

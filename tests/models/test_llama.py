@@ -207,3 +207,25 @@ def test_mixed_precision_bf16_compute_on_f32_params():
     assert model.embed[...].dtype == jnp.float32
     ids, mask = _batch(80)
     assert run(model, ids, mask, return_hidden=True).dtype == jnp.bfloat16
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the tables are materialized on CPU only")
+def test_rope_tables_are_computed_once_per_forward_on_cpu():
+    """XLA:CPU fused the rope tables' cos/sin into every consumer (each layer's q and k, forward and
+    backward), per element of [B, T, heads, D]. `Llama` computes them once, in a conditional: the
+    compiled gradient of a 3-layer model evaluates cos in at most 2 fusions (the table and the
+    conditional's second branch), where fused it did in one per rope and layer."""
+    import re
+
+    model = Llama(ModelConfig.tiny(num_layers=3, dtype="float32", param_dtype="float32"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    ids = jnp.ones((2, 32), jnp.int32)
+    mask = jnp.ones((2, 32), bool)
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(ids, mask) ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    bodies = re.findall(r"\n%fused[^\n]*\{(.*?)\n\}", hlo, re.S)
+    with_cos = [b for b in bodies if " cosine(" in b]
+    assert 1 <= len(with_cos) <= 2, len(with_cos)
