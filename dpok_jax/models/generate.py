@@ -1,7 +1,7 @@
 """Greedy / temperature sampling from a `Llama` with a key-value cache.
 
 The cached decoder below reuses the model's own parameters and blocks (`RMSNorm`, `MLP`,
-`apply_rope`, `rope_cos_sin`); only attention is written again, against a cache
+`apply_rope`, `rope_tables`); only attention is written again, against a cache
 ``k, v: [layers, B, S, kv_heads, D]`` with ``S = prompt + new tokens`` slots. Slot ``s`` holds the
 key/value of the ``s``-th token fed; a query in slot ``t`` attends to slots ``s <= t`` that hold a
 real token (``slot_valid``), so left-padded prompts of different lengths decode together, each with
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpok_jax.models.llama import Llama, apply_rope, default_positions, rope_cos_sin, rope_inv_freq
+from dpok_jax.models.llama import Llama, apply_rope, default_positions, rope_tables
 
 
 def cached_forward(model: Llama, ids: jax.Array, positions: jax.Array, slot_valid: jax.Array,
@@ -43,7 +43,7 @@ def cached_forward(model: Llama, ids: jax.Array, positions: jax.Array, slot_vali
     cfg = model.config
     dt = cfg.compute_dtype
     t, s = ids.shape[1], cache["k"].shape[2]
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), dt)
+    cos, sin = rope_tables(cfg, positions)
     query_slot = start + jnp.arange(t)  # [T]
     mask = slot_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slot[None, :, None])  # [B, T, S]
     x = jnp.take(model.embed[...], ids, axis=0).astype(dt)  # [B, T, H]

@@ -290,6 +290,22 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`rope_cos_sin` with ``cfg``'s frequencies and compute dtype, materialized once on CPU.
+
+    XLA:CPU fuses the tables' cos and sin into every consumer (both ropes of every layer, forward
+    and backward), evaluating them per element of ``[B, T, heads, D]``; `jax.lax.optimization_barrier`
+    is removed before fusion there. A conditional's result is a buffer: both branches give the same
+    tables (the second recomputes them), so the predicate only has to be unknown to the compiler.
+    Small HH train step 1.027x (bench/RESULTS.md). Other backends were not measured and skip it."""
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    cos, sin = rope_cos_sin(positions, inv_freq, cfg.compute_dtype)
+    if jax.default_backend() != "cpu":
+        return cos, sin
+    return jax.lax.cond(positions[0, 0] >= 0, lambda p, tables: tables,
+                        lambda p, tables: rope_cos_sin(p, inv_freq, cfg.compute_dtype), positions, (cos, sin))
+
+
 def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -521,16 +537,7 @@ class Llama(nnx.Module):
             mask = attention_mask  # [B, S] key padding; the layers add the causal mask
         else:  # causal, within a segment (and branch), never onto padding: built per query block
             mask = (attention_mask, segment_ids, branch_ids)
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        cos, sin = rope_cos_sin(positions, inv_freq, dt)
-        if jax.default_backend() == "cpu":
-            # XLA:CPU fuses the tables' cos and sin into every consumer (both ropes of every layer,
-            # forward and backward), evaluating them per element of [B, T, heads, D];
-            # `optimization_barrier` is gone before fusion. A conditional's result is a buffer:
-            # both branches give the same tables (the second recomputes them), so the predicate
-            # only has to be unknown to the compiler. Small HH step 1.027x (bench/RESULTS.md).
-            cos, sin = jax.lax.cond(positions[0, 0] >= 0, lambda p, tables: tables,
-                                    lambda p, tables: rope_cos_sin(p, inv_freq, dt), positions, (cos, sin))
+        cos, sin = rope_tables(cfg, positions)
 
         # The lookup reads a copy of the table in the compute dtype laid out [V, H/tensor]: a gather
         # from the parameter's own (vocab, embed) layout conflicts with batch-sharded outputs and
